@@ -1,0 +1,225 @@
+"""``maestro-data build``: raw layout -> zarr tile store, in parallel, resumable after a crash at any moment.
+
+Stages: list tiles -> probe time-step counts -> plan (offsets, blocks) -> convert blocks -> commit. A block is
+converted by one process, which writes whole zarr shards and then an atomic marker file
+(``<out>/_build/blocks/<b>.json``). ``--resume`` re-plans, checks the plan is the one already in the store, and
+converts only the blocks without a marker, so a killed build ends with exactly the store an uninterrupted build
+writes. The store's ``complete`` attribute and ``report.json`` are written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zarr
+from tqdm import tqdm
+
+from maestro_data import __version__
+from maestro_data.errors import SourceError, StoreError
+from maestro_data.manifest import Manifest
+from maestro_data.sources import Source, SourceOptions, open_source
+from maestro_data.store import StorePlan, create_store, make_plan, write_block
+from maestro_data.tile import TileRef
+
+log = logging.getLogger(__name__)
+STORE_NAME = "store.zarr"
+BUILD_DIR = "_build"
+
+
+@dataclass
+class BuildOptions:
+    workers: int = 1
+    limit: int | None = None
+    on_error: str = "fail"  # "fail" | "skip"
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    block_tiles: int = 32
+    source: SourceOptions = field(default_factory=SourceOptions)
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.workers < 1 or self.block_tiles < 1:
+            raise ValueError("workers and block_tiles must be >= 1")
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):  # a file removed while we walk is simply not counted
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --- worker side: globals set once per process by the pool initializer -------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(source: Source, plan: StorePlan | None, store_path: str, on_error: str) -> None:
+    _W.update(source=source, plan=plan, on_error=on_error)
+    if plan is not None:  # the probe pool runs before the store exists
+        _W["root"] = zarr.open_group(store_path, mode="r+")
+
+
+def _probe_one(ref: TileRef) -> tuple[TileRef | None, str | None]:
+    try:
+        return _W["source"].probe(ref), None
+    except SourceError as exc:
+        if _W["on_error"] == "fail":
+            raise
+        return None, str(exc)
+
+
+def _convert_block(block: int, refs: list[TileRef], marker_dir: str) -> dict:
+    source: Source = _W["source"]
+    plan: StorePlan = _W["plan"]
+    tiles, skipped = {}, []
+    for i in plan.block_range(block):
+        try:
+            tiles[i] = source.read(refs[i])
+        except SourceError as exc:
+            if _W["on_error"] == "fail":
+                raise
+            skipped.append({"tile_id": refs[i].tile_id, "stage": "read", "reason": str(exc)})
+    nans = write_block(_W["root"], source.manifest, plan, block, tiles)
+    marker = {"block": block, "tiles": len(tiles), "skipped": skipped, "nan_values": nans}
+    _atomic_json(Path(marker_dir) / f"{block:07d}.json", marker)
+    return marker
+
+
+# --- orchestration -----------------------------------------------------------------------------------------------
+def _prepare_output(out: Path, options: BuildOptions) -> Path:
+    store = out / STORE_NAME
+    if store.exists() or (out / BUILD_DIR).exists():
+        if options.overwrite:
+            shutil.rmtree(store, ignore_errors=True)
+            shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
+            (out / "report.json").unlink(missing_ok=True)
+        elif not options.resume:
+            raise StoreError(f"{out}: output already exists; pass --resume to finish an interrupted build or "
+                             "--overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_DIR / "blocks").mkdir(parents=True, exist_ok=True)
+    return store
+
+
+def _existing_plan_matches(store: Path, manifest: Manifest, plan: StorePlan) -> bool:
+    if not (store / "zarr.json").is_file():
+        return False
+    attrs = dict(zarr.open_group(str(store), mode="r").attrs)
+    if "plan_sha256" not in attrs:
+        return False  # killed while the planner was creating arrays: start the store again
+    if attrs.get("manifest", {}).get("sha256") != manifest.sha256 or attrs["plan_sha256"] != plan.digest():
+        raise StoreError(f"{store}: was planned from another source, manifest or --limit/--block-tiles; "
+                         "rerun with the same arguments or use --overwrite")
+    return True
+
+
+def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: BuildOptions | None = None) -> dict:
+    """Convert the raw dataset at ``src`` into ``<out>/store.zarr``; returns the build report (also report.json)."""
+    options = options or BuildOptions()
+    src, out = Path(src), Path(out)
+    t0 = time.perf_counter()
+    if not src.is_dir():
+        raise SourceError(f"source folder {src} does not exist")
+    store = _prepare_output(out, options)
+    source = open_source(manifest, src, options.source)
+    source.check_layout()
+    refs = source.list_tiles()
+    if options.limit is not None:
+        refs = refs[:options.limit]
+    if not refs:
+        raise SourceError(f"{src}: no tiles found for {manifest.name}")
+    skipped: list[dict] = []
+    ctx = multiprocessing.get_context("spawn")  # zarr runs an event-loop thread: forking it is unsafe
+    pool = (ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(source, None, str(store), options.on_error))
+            if options.workers > 1 else None)
+    try:
+        _W.update(source=source, on_error=options.on_error)
+        mapper = pool.map if pool else map
+        probed = []
+        for ref, (res, err) in zip(refs, mapper(_probe_one, refs), strict=True):
+            if res is None:
+                skipped.append({"tile_id": ref.tile_id, "stage": "probe", "reason": err})
+            else:
+                probed.append(res)
+        if not probed:
+            raise SourceError(f"{src}: every tile was skipped; first reason: {skipped[0]['reason']}")
+        counts = {m: [r.counts[m] for r in probed] for m in manifest.modalities}
+        plan = make_plan(manifest, [r.tile_id for r in probed], [r.split for r in probed],
+                         [r.fold for r in probed], counts, options.block_tiles)
+        marker_dir = out / BUILD_DIR / "blocks"
+        if not (options.resume and _existing_plan_matches(store, manifest, plan)):
+            for stale in marker_dir.glob("*.json"):
+                stale.unlink()
+            provenance = {"source": str(src.resolve()), "toolkit_version": __version__,
+                          "manifest_sha256": manifest.sha256,
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "source_options": {"split_set": options.source.split_set, "fold": options.source.fold},
+                          "on_error": options.on_error, "limit": options.limit}
+            _atomic_json(out / BUILD_DIR / "probe.json", {"skipped": skipped})
+            create_store(store, manifest, plan, provenance)
+        else:
+            skipped = json.loads((out / BUILD_DIR / "probe.json").read_text())["skipped"]
+        done = {int(p.stem) for p in marker_dir.glob("*.json")}
+        todo = [b for b in range(plan.num_blocks) if b not in done]
+        bar = tqdm(total=plan.num_tiles, desc=f"build {manifest.name}", unit="tile", disable=options.quiet)
+        bar.update(sum(len(plan.block_range(b)) for b in done))
+        if pool:
+            pool.shutdown()
+            pool = ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(source, plan, str(store), options.on_error))
+            futures = [pool.submit(_convert_block, b, probed, str(marker_dir)) for b in todo]
+            for fut in futures:
+                marker = fut.result()
+                bar.update(len(plan.block_range(marker["block"])))
+        else:
+            _init_worker(source, plan, str(store), options.on_error)
+            for b in todo:
+                _convert_block(b, probed, str(marker_dir))
+                bar.update(len(plan.block_range(b)))
+        bar.close()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0)
+
+
+def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePlan, skipped: list[dict],
+            seconds: float) -> dict:
+    markers = [json.loads(p.read_text()) for p in sorted((out / BUILD_DIR / "blocks").glob("*.json"))]
+    if len(markers) != plan.num_blocks:
+        raise StoreError(f"{store}: {len(markers)} of {plan.num_blocks} blocks converted; rerun with --resume")
+    nan_values = {m: sum(mk["nan_values"].get(m, 0) for mk in markers) for m in manifest.modalities}
+    skipped = skipped + [s for mk in markers for s in mk["skipped"]]
+    written = sum(mk["tiles"] for mk in markers)
+    store_bytes = _tree_bytes(store)
+    src_bytes = _tree_bytes(src)
+    report = {
+        "dataset": manifest.name, "manifest_sha256": manifest.sha256, "toolkit_version": __version__,
+        "source": str(src), "store": str(store), "tiles_written": written, "tiles_skipped": len(skipped),
+        "skipped": skipped, "nan_values": nan_values, "bytes_in": src_bytes, "bytes_out": store_bytes,
+        "seconds": round(seconds, 3), "blocks": plan.num_blocks,
+    }
+    root = zarr.open_group(str(store), mode="r+")
+    root.attrs["complete"] = True
+    _atomic_json(out / "report.json", report)
+    return report

@@ -1,0 +1,124 @@
+"""The contract every raw-layout reader fulfils, and the checks they share.
+
+A build calls, in order: ``check_layout()`` (is this folder the named dataset?), ``list_tiles()`` (ids, splits,
+folds from the split tables: cheap, no raster opened), ``probe(ref)`` per tile (time steps per modality, from
+date tables or file headers) and ``read(ref)`` per tile (all rasters). ``probe`` and ``read`` raise
+:class:`SourceError` naming the tile and file, so a build with ``--on-error skip`` can drop just that tile.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from maestro_data.errors import SourceError
+from maestro_data.manifest import Manifest, ModalitySpec
+from maestro_data.tile import Series, Tile, TileRef
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Reader options the CLI exposes: ``--split-set`` (FLAIR-HUB), ``--fold`` (PASTIS-HD)."""
+
+    split_set: int | None = None
+    fold: int = 1
+
+
+class Source(ABC):
+    dataset: str = ""
+
+    def __init__(self, manifest: Manifest, root: str | Path, options: SourceOptions | None = None):
+        self.manifest = manifest
+        self.root = Path(root)
+        self.options = options or SourceOptions()
+
+    @abstractmethod
+    def check_layout(self) -> None:
+        """Raise SourceError if ``root`` does not look like this dataset (names what was expected)."""
+
+    @abstractmethod
+    def list_tiles(self) -> list[TileRef]:
+        """Every tile of every split, in a deterministic order; duplicate ids raise SourceError."""
+
+    @abstractmethod
+    def probe(self, ref: TileRef) -> TileRef:
+        """Return ``ref`` with ``counts`` = time steps per modality (cheap: tables or headers)."""
+
+    @abstractmethod
+    def read(self, ref: TileRef) -> Tile:
+        """Read every modality, mask, date and target of one tile."""
+
+
+def warn_missing_split(path: Path, split: str) -> None:
+    warnings.warn(f"{path}: split file for {split!r} not found; the {split!r} split is empty", stacklevel=3)
+
+
+def check_unique(refs: list[TileRef], origin: str) -> list[TileRef]:
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.tile_id in seen:
+            raise SourceError(f"duplicate tile id (listed in splits {seen[ref.tile_id]!r} and {ref.split!r})",
+                              tile_id=ref.tile_id, path=origin)
+        seen[ref.tile_id] = ref.split
+    return refs
+
+
+def to_stored_dtype(array: np.ndarray, dtype: str, *, tile_id: str, path: str | Path, what: str) -> np.ndarray:
+    """Cast to the manifest's stored dtype only when the cast is exact (lossless), else raise SourceError."""
+    target = np.dtype(dtype)
+    if array.dtype == target:
+        return array
+    if np.issubdtype(target, np.integer):
+        info = np.iinfo(target)
+        finite = np.isfinite(array) if np.issubdtype(array.dtype, np.floating) else np.ones(array.shape, bool)
+        if not finite.all():
+            raise SourceError(f"{what} has NaN/inf but the manifest stores {dtype}", tile_id=tile_id, path=str(path))
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise SourceError(f"{what} values [{array.min()}, {array.max()}] do not fit {dtype}", tile_id=tile_id,
+                              path=str(path))
+        cast = array.astype(target)
+        if not np.array_equal(cast, array):
+            raise SourceError(f"{what} has non-integer values but the manifest stores {dtype}", tile_id=tile_id,
+                              path=str(path))
+        return cast
+    cast = array.astype(target)
+    if not np.array_equal(cast, array, equal_nan=True):
+        raise SourceError(f"{what} of dtype {array.dtype} cannot be stored losslessly as {dtype}", tile_id=tile_id,
+                          path=str(path))
+    return cast
+
+
+def check_series(spec: ModalitySpec, series: Series, *, tile_id: str, path: str | Path) -> Series:
+    """Validate shapes against the manifest: (T, C, H, W) with the stored band count and the tile size."""
+    data = series.data
+    expected = (spec.stored_channels, spec.tile_size, spec.tile_size)
+    if data.ndim != 4 or tuple(data.shape[1:]) != expected:
+        raise SourceError(f"{spec.name}: array of shape {tuple(data.shape)}, expected (T, {expected[0]}, "
+                          f"{expected[1]}, {expected[2]})", tile_id=tile_id, path=str(path))
+    if data.shape[0] == 0:
+        raise SourceError(f"{spec.name}: empty time series", tile_id=tile_id, path=str(path))
+    if series.dates.shape != (data.shape[0], 3):
+        raise SourceError(f"{spec.name}: {series.dates.shape[0]} dates for {data.shape[0]} time steps",
+                          tile_id=tile_id, path=str(path))
+    if spec.cloud_mask is not None:
+        mask = series.mask
+        mexp = (data.shape[0], len(spec.cloud_mask.bands), spec.tile_size, spec.tile_size)
+        if mask is None or tuple(mask.shape) != mexp:
+            got = None if mask is None else tuple(mask.shape)
+            raise SourceError(f"{spec.name}: cloud mask of shape {got}, expected {mexp}", tile_id=tile_id,
+                              path=str(path))
+    return series
+
+
+def check_target_classes(values: np.ndarray, num_stored_classes: int, *, tile_id: str, path: str | Path,
+                         name: str, allowed_extra: tuple[int, ...] = ()) -> None:
+    """Raise if a label raster holds a value outside the manifest's classes."""
+    present = np.unique(values)
+    bad = [int(v) for v in present if not (0 <= v < num_stored_classes or int(v) in allowed_extra)]
+    if bad:
+        raise SourceError(f"{name}: label values {bad} are outside the manifest's {num_stored_classes} classes",
+                          tile_id=tile_id, path=str(path))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its test tools. Safe to run repeatedly.
+# torch is installed first as the CPU build pinned below when absent: the project's own requirement is a
+# range, and resolving that range from scratch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip >/dev/null
+if ! python -c "import torch" >/dev/null 2>&1; then
+  python -m pip install --quiet "torch==${MAESTRO_TORCH_VERSION:-2.13.0}"
+fi
+python -m pip install --quiet -e ".[test]"
