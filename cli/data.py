@@ -54,12 +54,19 @@ def main() -> None:
 @click.option("--fold", type=click.IntRange(1, 5), default=1, show_default=True, help="PASTIS-HD fold (I..V).")
 @click.option("--block-tiles", type=click.IntRange(1), default=32, show_default=True,
               help="Tiles per zarr shard (one process writes one block).")
+@click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Import MAESTRO's published subset CSVs (train_filtered_5.csv, ...) instead of running FPS.")
+@click.option("--percents", default="5,20", show_default=True, help="Nested subset sizes in percent.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 256MB, 1GB).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
+@click.option("--no-shards", is_flag=True, help="Stop after the tile store and its subsets.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, workers: int, limit: int | None,
           on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int, block_tiles: int,
-          quiet: bool) -> None:
-    """Convert the raw DATASET at SRC into a zarr tile store in OUT."""
-    from maestro_data.build import BuildOptions, build_store
+          splits_from: Path | None, percents: str, shard_size: str, seed: int, no_shards: bool, quiet: bool) -> None:
+    """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
+    from maestro_data.build import BuildOptions, build_store, compute_subsets
+    from maestro_data.shards import ShardOptions, write_shards
     from maestro_data.sources import SourceOptions
 
     _setup_logging(quiet)
@@ -79,16 +86,93 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         click.echo(f"NaN values kept (real data): {nans}")
     for s in report["skipped"][:10]:
         click.echo(f"skipped {s['tile_id']}: {s['reason']}", err=True)
+    counts = compute_subsets(out, _percents(percents), splits_from)
+    click.echo("subsets: " + "; ".join(f"{k}: " + ", ".join(f"{p}%={n}" for p, n in v.items())
+                                       for k, v in counts.items()))
     click.echo(f"store: {report['store']}\nreport: {out / 'report.json'}")
+    if not no_shards:
+        index = write_shards(out, out / "shards", ShardOptions(shard_bytes=_size(shard_size), seed=seed, quiet=quiet))
+        _echo_index(index, out / "shards")
+
+
+def _percents(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of percentages") from None
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return max(1, int(float(t[: -len(unit)]) * units[unit]))
+            except ValueError:
+                break
+    raise click.BadParameter(f"{text!r} is not a size such as 512MB or 1GB")
+
+
+def _echo_index(index: dict, where: Path | str) -> None:
+    shards = sum(len(e) for s in index["splits"].values() for e in s["tiers"].values())
+    size = sum(x["bytes"] for s in index["splits"].values() for e in s["tiers"].values() for x in e)
+    click.echo(f"shards: {shards} files, {size / 1e6:.1f} MB, index {where}")
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--percents", default="5,20", show_default=True, help="Nested subset sizes in percent.")
+@click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Import MAESTRO's published subset CSVs instead of running FPS.")
+def subsets(store: Path, percents: str, splits_from: Path | None) -> None:
+    """(Re)compute the nested subsets of a tile STORE."""
+    from maestro_data.build import compute_subsets
+
+    for split, counts in compute_subsets(store, _percents(percents), splits_from).items():
+        click.echo(f"{split}: " + ", ".join(f"{p}% = {n} tiles" for p, n in counts.items()))
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 256MB, 1GB).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def shard(store: Path, out: Path, shard_size: str, seed: int, quiet: bool) -> None:
+    """Write WebDataset shards (and index.json, last) from a tile STORE."""
+    from maestro_data.shards import ShardOptions, write_shards
+
+    _echo_index(write_shards(store, out, ShardOptions(shard_bytes=_size(shard_size), seed=seed, quiet=quiet)), out)
+
+
+@main.command()
+@click.argument("location")
+@click.option("--full", is_flag=True, help="Also decode every sample and check it against the manifest.")
+@click.option("--dataset", help="Fail unless the shards were built from this manifest (name or path).")
+def verify(location: str, full: bool, dataset: str | None) -> None:
+    """Check every shard of an index (folder, index.json path or URL): presence, size, sha256."""
+    from maestro_data.shard_read import verify as verify_shards
+
+    problems = verify_shards(location, full=full, manifest=load_manifest(dataset) if dataset else None)
+    for line in problems:
+        click.echo(f"BAD {line}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} bad shard(s) in {location}")
+    click.echo(f"ok: every shard of {location} is present and intact" + (" and decodes" if full else ""))
+
+
+@main.command()
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(path: Path, as_json: bool) -> None:
-    """Summarise a tile store: tiles per split, modalities, dtypes, date counts, bytes."""
+def info(path: str, as_json: bool) -> None:
+    """Summarise a tile store (tiles per split, modalities, dtypes, date counts, bytes) or a shard index."""
     from maestro_data.store import TileStore
 
+    if "://" in path or path.endswith(".json") or (Path(path) / "index.json").is_file():
+        _index_info(path, as_json)
+        return
     summary = TileStore(path).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -101,6 +185,28 @@ def info(path: Path, as_json: bool) -> None:
                    f"{m['dates_min']}/{m['dates_median']:g}/{m['dates_max']}" + ("  + cloud mask" if m["cloud_mask"]
                                                                                   else ""))
     click.echo(f"targets: {', '.join(summary['targets'])}")
+
+
+def _index_info(location: str, as_json: bool) -> None:
+    from maestro_data.shard_read import open_index
+
+    index, loc = open_index(location)
+    rows = {split: {tier: {"shards": len(e), "samples": sum(x["samples"] for x in e),
+                           "bytes": sum(x["bytes"] for x in e)} for tier, e in info["tiers"].items()}
+            for split, info in index["splits"].items()}
+    if as_json:
+        click.echo(json.dumps({"index": loc, "dataset": index["manifest"]["name"], "splits": rows}, indent=2))
+        return
+    from maestro_data.manifest import parse_manifest
+
+    manifest = parse_manifest(index["manifest"]["text"], origin=loc)
+    click.echo(f"{manifest.name} shards at {loc} (toolkit {index['toolkit_version']}, manifest "
+               f"{manifest.sha256[:12]})")
+    for split, tiers in rows.items():
+        for tier, r in sorted(tiers.items(), key=lambda kv: int(kv[0])):
+            click.echo(f"  {split:6s} tier {tier:>3s}%: {r['samples']:6d} tiles in {r['shards']} shard(s), "
+                       f"{r['bytes'] / 1e6:.1f} MB")
+    click.echo("modalities: " + ", ".join(f"{m} ({s.dtype})" for m, s in manifest.modalities.items()))
 
 
 @main.command("demo-data")

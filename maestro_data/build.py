@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zarr
 from tqdm import tqdm
 
@@ -223,3 +224,43 @@ def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePl
     root.attrs["complete"] = True
     _atomic_json(out / "report.json", report)
     return report
+
+
+def compute_subsets(store_path: str | Path, percents: tuple[float, ...] = (5, 20),
+                    splits_from: str | Path | None = None) -> dict[str, dict[int, int]]:
+    """Nested subsets per split (FPS on the tile positions, or MAESTRO's CSVs from ``splits_from``) into the store.
+
+    Per split, not per phase: pretraining on p % reads the p % tiers of train and val, as MAESTRO's
+    ``train_filtered_p.csv`` + ``val_filtered_p.csv``; this keeps one copy of every tile in the shards."""
+    from maestro_data.store import TileStore, write_subsets
+    from maestro_data.subsets import fps_subsets, read_split_csvs
+
+    store = TileStore(store_path)
+    ids = np.asarray(store.tile_ids, dtype=object)
+    splits = store.manifest.splits.names
+    if splits_from is not None:
+        tiles = {t: s for t, s, v in zip(store.tile_ids, store.splits, store.valid, strict=True) if v}
+        chosen = read_split_csvs(splits_from, store.manifest, percents, tiles=tiles)
+        method = f"imported from {splits_from}"
+    else:
+        chosen = {}
+        for split in splits:
+            idx = store.split_indices(split)
+            chosen[split] = fps_subsets(ids[idx].tolist(), store.lon[idx], store.lat[idx], percents)
+        method = "furthest point sampling (WGS84 geocentric chord distance)"
+    orders, counts = {}, {}
+    for split in splits:
+        order: list[int] = []
+        counts[split] = {}
+        for p in sorted(percents):
+            members = chosen[split][p]
+            missing = set(order) - {store.index(t) for t in members}
+            if missing:
+                raise StoreError(f"{split}: the {p} % subset does not contain the smaller subsets "
+                                 f"({len(missing)} tiles missing): subsets must be nested")
+            taken = set(order)
+            order += [i for i in (store.index(t) for t in members) if i not in taken]
+            counts[split][int(p) if float(p).is_integer() else p] = len(order)
+        orders[split] = np.asarray(order, dtype=np.int64)
+    write_subsets(store_path, orders, counts, method)
+    return counts

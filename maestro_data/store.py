@@ -222,13 +222,29 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
     return nans
 
 
+def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],
+                  method: str) -> None:
+    """Store per-split nested subsets: ``order`` lists tile indices so that subset p is ``order[:counts[p]]``."""
+    root = zarr.open_group(str(_store_path(path)), mode="r+")
+    group = root.require_group("subsets")
+    for split, order in orders.items():
+        g = group.require_group(split)
+        arr = _create(g, "order", (len(order),), "int64", (max(1, len(order)),))
+        if len(order):
+            arr[:] = np.asarray(order, dtype=np.int64)
+        g.attrs.update({"counts": {str(p): int(c) for p, c in counts[split].items()}, "method": method})
+
+
+def _store_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "store.zarr" if (path / "store.zarr").is_dir() else path
+
+
 class TileStore:
     """Read access to a complete store: the tile table, the manifest it was built with, and one tile at a time."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if (self.path / "store.zarr").is_dir():
-            self.path = self.path / "store.zarr"
+        self.path = _store_path(path)
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: not a tile store (no zarr.json); build one with `maestro-data build`")
         self.root = zarr.open_group(str(self.path), mode="r")
@@ -280,6 +296,32 @@ class TileStore:
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
                     series=series, targets=targets)
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Valid tiles of ``split`` in store order."""
+        return np.asarray([i for i, (s, v) in enumerate(zip(self.splits, self.valid, strict=True)) if v and s == split],
+                          dtype=np.int64)
+
+    def subsets(self, split: str) -> tuple[np.ndarray, dict[int, int]]:
+        """(nested order of tile indices, {percent: count}) of ``split``; empty when no subsets were computed."""
+        if "subsets" not in self.root or split not in self.root["subsets"]:
+            return np.zeros(0, np.int64), {}
+        g = self.root["subsets"][split]
+        return g["order"][:], {int(p): int(c) for p, c in g.attrs["counts"].items()}
+
+    def tiers(self, split: str) -> list[tuple[str, np.ndarray]]:
+        """The split cut into nested tiers: ("5", first 5 %), ("20", next up to 20 %), ("100", the rest).
+
+        A subset of p % is the union of the tiers named <= p; without subsets the whole split is tier "100"."""
+        order, counts = self.subsets(split)
+        everything = self.split_indices(split)
+        tiers, start = [], 0
+        for p in sorted(counts):
+            tiers.append((str(p), order[start:counts[p]]))
+            start = counts[p]
+        taken = set(order[:start].tolist())
+        tiers.append(("100", np.asarray([i for i in everything if i not in taken], dtype=np.int64)))
+        return tiers
 
     def summary(self) -> dict:
         """Tiles per split, modalities with dtypes/shapes/date counts, bytes on disk (for `maestro-data info`)."""

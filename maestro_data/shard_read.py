@@ -1,0 +1,235 @@
+"""Opening shard indexes and shards from a path or URL, safely, and verifying them.
+
+An index is opened from a local path, ``file://``, ``http(s)://``, ``s3://`` or ``gs://`` (fsspec; the cloud
+back-ends are optional extras). Shard urls inside an index are relative to the index and are resolved by this
+module only: a ``pipe:`` url or an absolute url in an index file is refused, so an index can never make a reader
+execute anything. Tar members are checked (regular files, no ``/``, ``..`` or absolute names, only ``.npy`` and
+``.json``), npy headers are bounded and parsed with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import numpy as np
+
+from maestro_data.errors import ShardError
+from maestro_data.manifest import Manifest
+from maestro_data.shards import INDEX_FORMAT, INDEX_NAME, INDEX_SCHEMA, tile_id_of
+
+MAX_NPY_HEADER = 4096
+_MEMBER = re.compile(r"^([A-Za-z0-9_%-]+)\.([A-Za-z0-9_]+)\.(npy)$|^([A-Za-z0-9_%-]+)\.(json)$")
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def resolve_index(location: str | Path) -> str:
+    """A directory or an index file, local or remote -> the index's own url/path."""
+    loc = str(location)
+    if loc.startswith("pipe:"):
+        raise ShardError(f"{loc}: pipe: urls are not accepted")
+    if not loc.endswith(".json"):
+        loc = loc.rstrip("/") + "/" + INDEX_NAME
+    return loc
+
+
+def shard_url(index_location: str, relative: str) -> str:
+    """Resolve a shard url of the index relative to the index; refuse anything that is not a plain relative path."""
+    parsed = urlparse(relative)
+    if parsed.scheme or relative.startswith(("/", "pipe:")) or ".." in relative.split("/") or "\\" in relative:
+        raise ShardError(f"{index_location}: shard url {relative!r} is not a relative path inside the shard folder")
+    base = index_location.rsplit("/", 1)[0] if "/" in index_location else "."
+    return posixpath.join(base, relative) if _is_url(base) else str(Path(base) / relative)
+
+
+def open_index(location: str | Path) -> tuple[dict, str]:
+    """Read and check an index; returns (index, its resolved location)."""
+    loc = resolve_index(location)
+    try:
+        with fsspec.open(loc, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ShardError(f"{loc}: no shard index (index.json is written last; was the shard writing interrupted?)")\
+            from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ShardError(f"{loc}: cannot read shard index: {exc}") from exc
+    try:
+        index = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{loc}: shard index is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ShardError(f"{loc}: not a maestro shard index")
+    if index.get("schema") != INDEX_SCHEMA:
+        raise ShardError(f"{loc}: unknown index schema version {index.get('schema')!r} (this toolkit reads "
+                         f"{INDEX_SCHEMA})")
+    return index, loc
+
+
+def check_manifest(index: dict, manifest: Manifest, location: str) -> None:
+    """Refuse shards built from another manifest than the one a run asks for."""
+    got = index["manifest"]
+    if got["sha256"] != manifest.sha256:
+        raise ShardError(f"{location}: shards were built from manifest {got['name']!r} ({got['sha256'][:12]}), "
+                         f"not from {manifest.name!r} ({manifest.sha256[:12]})")
+
+
+def _read_npy(data: bytes, name: str) -> np.ndarray:
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
+        else:
+            raise ValueError(f"unsupported npy version {version}")
+    except ValueError as exc:
+        raise ShardError(f"member {name}: not a valid npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise ShardError(f"member {name}: object arrays (pickle) are refused")
+    count = int(np.prod(shape)) if shape else 1
+    body = f.read()
+    if len(body) != count * dtype.itemsize:
+        raise ShardError(f"member {name}: npy body of {len(body)} bytes, expected {count * dtype.itemsize}")
+    array = np.frombuffer(body, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def iter_samples(fileobj, origin: str) -> Iterator[dict]:
+    """Samples of one tar stream: {"__key__", "tile_id", "meta", <field>: array}; members validated, no pickle."""
+    current: dict | None = None
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile():
+                    raise ShardError(f"{origin}: member {name!r} is not a regular file (links are refused)")
+                match = _MEMBER.match(name)
+                if "/" in name or name.startswith("..") or not match:
+                    raise ShardError(f"{origin}: member name {name!r} is not <key>.<field>.npy or <key>.json "
+                                     "(path traversal and pickle members are refused)")
+                key = match.group(1) or match.group(4)
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    if key in seen:
+                        raise ShardError(f"{origin}: duplicate sample key {key!r}")
+                    seen.add(key)
+                    current = {"__key__": key, "tile_id": tile_id_of(key)}
+                data = tar.extractfile(member).read()
+                if match.group(5) == "json":
+                    try:
+                        current["meta"] = json.loads(data)
+                    except json.JSONDecodeError as exc:
+                        raise ShardError(f"{origin}: member {name}: invalid JSON: {exc}") from exc
+                else:
+                    current[match.group(2)] = _read_npy(data, f"{origin}:{name}")
+    except tarfile.TarError as exc:
+        raise ShardError(f"{origin}: corrupt or truncated tar: {exc}") from exc
+    except EOFError as exc:
+        raise ShardError(f"{origin}: truncated tar: {exc}") from exc
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Samples of one shard (local path or fsspec url)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            yield from iter_samples(f, url)
+    except FileNotFoundError:
+        raise ShardError(f"{url}: shard is missing") from None
+
+
+def check_sample(sample: dict, manifest: Manifest, origin: str) -> None:
+    """Shapes and dtypes of a decoded sample against the manifest."""
+    key = sample["__key__"]
+    if "meta" not in sample:
+        raise ShardError(f"{origin}: sample {key!r} has no metadata JSON")
+    for name, spec in manifest.modalities.items():
+        for field in (name, f"{name}_dates") + ((f"{name}_mask",) if spec.cloud_mask else ()):
+            if field not in sample:
+                raise ShardError(f"{origin}: sample {key!r} lacks {field!r}, which the manifest requires")
+        data, dates = sample[name], sample[f"{name}_dates"]
+        step = (spec.stored_channels, spec.tile_size, spec.tile_size)
+        if data.ndim != 4 or data.shape[1:] != step or data.dtype != np.dtype(spec.dtype):
+            raise ShardError(f"{origin}: sample {key!r} {name}: {data.dtype}{tuple(data.shape)}, expected "
+                             f"{spec.dtype}(T, {step[0]}, {step[1]}, {step[2]})")
+        if dates.shape != (data.shape[0], 3):
+            raise ShardError(f"{origin}: sample {key!r} {name}_dates: shape {dates.shape}, expected "
+                             f"({data.shape[0]}, 3)")
+    for name in manifest.targets:
+        if name not in sample:
+            raise ShardError(f"{origin}: sample {key!r} lacks target {name!r}")
+
+
+def verify(location: str | Path, full: bool = False, manifest: Manifest | None = None) -> list[str]:
+    """Check presence, size and sha256 of every shard (and with ``full`` decode every sample against the manifest).
+
+    Returns a list of problems, one line per bad shard (empty when all is well)."""
+    from maestro_data.manifest import parse_manifest
+
+    index, loc = open_index(location)
+    if manifest is not None:
+        check_manifest(index, manifest, loc)
+    manifest = manifest or parse_manifest(index["manifest"]["text"], origin=f"{loc} (manifest)")
+    problems = []
+    keys_seen: dict[str, str] = {}
+    for split, info in index["splits"].items():
+        for tier, entries in info["tiers"].items():
+            for entry in entries:
+                url = shard_url(loc, entry["url"])
+                problem = _verify_shard(url, entry, manifest, full, keys_seen, f"{split}/{tier}")
+                if problem:
+                    problems.append(problem)
+    return problems
+
+
+def _verify_shard(url: str, entry: dict, manifest: Manifest, full: bool, keys_seen: dict, where: str) -> str | None:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with fsspec.open(url, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    except FileNotFoundError:
+        return f"{url}: missing shard"
+    except OSError as exc:
+        return f"{url}: unreadable: {exc}"
+    if size != entry["bytes"]:
+        return f"{url}: {size} bytes, the index says {entry['bytes']} (truncated or replaced)"
+    if digest.hexdigest() != entry["sha256"]:
+        return f"{url}: sha256 mismatch (corrupted)"
+    for key in entry["keys"]:
+        if key in keys_seen:
+            return f"{url}: duplicate sample key {key!r} (also in {keys_seen[key]})"
+        keys_seen[key] = url
+    if len(entry["keys"]) != entry["samples"] or len(entry["tile_ids"]) != entry["samples"]:
+        return f"{url}: the index lists {len(entry['keys'])} keys for {entry['samples']} samples"
+    if not full:
+        return None
+    try:
+        got = []
+        for sample in read_shard(url):
+            check_sample(sample, manifest, url)
+            if sample["meta"]["tile_id"] != sample["tile_id"]:
+                raise ShardError(f"{url}: key {sample['__key__']!r} does not map to its tile id")
+            got.append(sample["__key__"])
+    except ShardError as exc:
+        return str(exc)
+    if got != entry["keys"]:
+        return f"{url}: holds {len(got)} samples, the index lists {entry['samples']} ({where})"
+    return None

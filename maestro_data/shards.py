@@ -1,0 +1,186 @@
+"""WebDataset shards from a tile store: plain POSIX tar, one sample per tile, nested subset tiers, index last.
+
+Layout of ``DIR``::
+
+    index.json                      written last: the commit marker (schema, manifest, per split/tier shards)
+    <split>/<tier>-<nnnnn>.tar      tier "5" = the 5 % FPS subset, "20" = 20 % minus 5 %, "100" = the rest
+
+A subset of p % is the union of the tiers named <= p, so no byte is stored twice. Each sample holds, for a tile
+with key ``K`` (the tile id percent-encoded so that it has no ``.`` or ``/``, which webdataset would split on):
+``K.<mod>.npy`` (T, C, H, W) stored dtype, full time series; ``K.<mod>_dates.npy`` (T, 3) int16;
+``K.<mod>_mask.npy`` where the modality has a cloud mask; ``K.<target>.npy``; ``K.json`` (tile id, split, fold,
+lon, lat, reference date). Tiles are written in a seeded random order so every shard is a random sample of its
+tier; bytes are a pure function of the store and the seed (fixed tar header fields), and each shard is written
+to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import numpy as np
+from tqdm import tqdm
+
+from maestro_data import __version__
+from maestro_data.errors import ShardError
+from maestro_data.randomness import permutation
+from maestro_data.store import TileStore
+from maestro_data.tile import Tile
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "maestro-shards"
+INDEX_SCHEMA = 1
+DEFAULT_SHARD_BYTES = 1 << 30
+
+
+def sample_key(tile_id: str) -> str:
+    """Reversible, tar- and webdataset-safe key: every character outside [A-Za-z0-9_-] is percent-encoded."""
+    return quote(tile_id, safe="").replace(".", "%2E").replace("~", "%7E")
+
+
+def tile_id_of(key: str) -> str:
+    return unquote(key)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_members(tile: Tile, store: TileStore) -> list[tuple[str, bytes]]:
+    """The (name, bytes) members of one tile's sample, in a fixed order."""
+    key = sample_key(tile.tile_id)
+    members = []
+    counts = {}
+    for name, series in tile.series.items():
+        members.append((f"{key}.{name}.npy", _npy_bytes(series.data)))
+        members.append((f"{key}.{name}_dates.npy", _npy_bytes(series.dates)))
+        if series.mask is not None:
+            members.append((f"{key}.{name}_mask.npy", _npy_bytes(series.mask)))
+        counts[name] = int(series.data.shape[0])
+    for name, target in tile.targets.items():
+        members.append((f"{key}.{name}.npy", _npy_bytes(target)))
+    meta = {"tile_id": tile.tile_id, "split": tile.split, "fold": tile.fold, "lon": tile.lon, "lat": tile.lat,
+            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": store.manifest.name}
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return members
+
+
+def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _ShardWriter:
+    """Writes consecutive shards of one tier, rolling over at ``max_bytes``; returns their index entries."""
+
+    def __init__(self, out: Path, split: str, tier: str, max_bytes: int):
+        self.out, self.split, self.tier, self.max_bytes = out, split, tier, max_bytes
+        self.entries: list[dict] = []
+        self._tar = None
+
+    def _open(self) -> None:
+        rel = f"{self.split}/{self.tier}-{len(self.entries):05d}.tar"
+        self._path = self.out / rel
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self._path.with_name(self._path.name + ".tmp")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._entry = {"url": rel, "samples": 0, "bytes": 0, "sha256": "", "keys": [], "tile_ids": []}
+
+    def add(self, tile_id: str, members: list[tuple[str, bytes]]) -> None:
+        if self._tar is None:
+            self._open()
+        for name, data in members:
+            self._tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
+        self._entry["samples"] += 1
+        self._entry["keys"].append(sample_key(tile_id))
+        self._entry["tile_ids"].append(tile_id)
+        if self._file.tell() >= self.max_bytes:
+            self._close()
+
+    def _close(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = hashlib.sha256()
+        with open(self._tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        os.replace(self._tmp, self._path)
+        self._entry["bytes"] = self._path.stat().st_size
+        self._entry["sha256"] = digest.hexdigest()
+        self.entries.append(self._entry)
+        self._tar = None
+
+    def finish(self) -> list[dict]:
+        if self._tar is not None:
+            self._close()
+        return self.entries
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    seed: int = 0
+    quiet: bool = False
+
+
+def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions | None = None) -> dict:
+    """Write every valid tile of ``store_path`` as shards under ``out``; returns the index (also index.json)."""
+    options = options or ShardOptions()
+    store = TileStore(store_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / INDEX_NAME
+    index_path.unlink(missing_ok=True)  # the index is the commit marker: it must not outlive a rewrite
+    for stale in out.rglob("*.tar.tmp"):
+        stale.unlink()
+    splits = {}
+    total = int(store.valid.sum())
+    bar = tqdm(total=total, desc=f"shards {store.manifest.name}", unit="tile", disable=options.quiet)
+    for split in store.manifest.splits.names:
+        tiers = {}
+        for tier, indices in store.tiers(split):
+            order = indices[permutation(len(indices), options.seed, 0, f"shards/{split}/{tier}")]
+            writer = _ShardWriter(out, split, tier, options.shard_bytes)
+            for i in order:
+                tile = store.read_tile(int(i))
+                writer.add(tile.tile_id, sample_members(tile, store))
+                bar.update(1)
+            tiers[tier] = writer.finish()
+        _, counts = store.subsets(split)
+        splits[split] = {"tiers": tiers, "subsets": {str(p): c for p, c in counts.items()},
+                         "samples": sum(e["samples"] for t in tiers.values() for e in t)}
+    bar.close()
+    index = {
+        "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": options.seed,
+        "manifest": {"name": store.manifest.name, "sha256": store.manifest.sha256, "text": store.manifest.text},
+        "splits": splits,
+    }
+    tmp = index_path.with_name(INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True, ensure_ascii=False))
+    os.replace(tmp, index_path)
+    return index
+
+
+def shard_entries(index: dict, split: str, subset: int = 100) -> list[dict]:
+    """Index entries of the shards that make up ``subset`` % of ``split`` (the union of tiers <= subset)."""
+    if split not in index["splits"]:
+        raise ShardError(f"index has no split {split!r} (splits: {', '.join(index['splits'])})")
+    tiers = index["splits"][split]["tiers"]
+    chosen = [t for t in tiers if int(t) <= subset]
+    if subset != 100 and str(subset) not in tiers:
+        raise ShardError(f"index has no {subset} % subset for {split!r} (tiers: {', '.join(tiers)})")
+    return [e for t in sorted(chosen, key=int) for e in tiers[t]]
