@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
+from functools import lru_cache
 
 import numpy as np
 
 
+@lru_cache(maxsize=1 << 16)  # dates repeat across the tiles of a dataset; strptime dominated build profiles
 def parse_date(text: str | int) -> tuple[int, int, int]:
     """``YYYYMMDD`` or ``YYYYMMDDTHHMMSS`` (int or str) -> (year, day of year, hour).
 
@@ -16,9 +18,8 @@ def parse_date(text: str | int) -> tuple[int, int, int]:
     """
     s = str(text).strip()
     if len(s) >= 8 and s[:8].isdigit():
-        day = s[6:8] if s[6:8] != "00" else "01"
         try:
-            d = datetime.strptime(s[:6] + day, "%Y%m%d")
+            d = date(int(s[:4]), int(s[4:6]), int(s[6:8]) or 1)
         except ValueError:
             raise ValueError(f"invalid date {s!r}: expected YYYYMMDD") from None
         hour = 0

@@ -12,6 +12,8 @@ REAL_MINI = SHARED / "data" / "treesatai-ts-mini"
 FLAIR_TOY_SPLITS = SHARED / "data" / "flair-hub-toy-splits"
 ORACLE = SHARED / "reference" / "oracle"
 
+pytest_plugins = ("fakes",)  # the memory_source fixture
+
 
 def require(path: Path) -> Path:
     if not path.exists():

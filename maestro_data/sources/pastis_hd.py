@@ -1,0 +1,464 @@
+"""Reader of PASTIS-HD as published on HF ``IGNF/PASTIS-HD`` (layout: reference/datasets.md §3).
+
+One tile = one 1.28 km patch ``ID_PATCH`` of ``metadata.geojson``. A ``.npy`` modality is a (T, C, H, W) time
+series dated by the Feature's ``dates-<X>`` property, where ``DATA_<X>`` is the first folder of the modality's
+source pattern (so modalities can be renamed in a manifest copy); a ``.tif`` modality (SPOT) is one image dated at
+the manifest's reference date unless a ``dates-<X>`` property exists. The segmentation target is channel 0 of
+``TARGET_<ID>.npy``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from pyproj import CRS, Transformer
+from pyproj.exceptions import CRSError
+
+from maestro_data.dates import dates_array
+from maestro_data.errors import SourceError
+from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
+from maestro_data.sources.base import (
+    Source,
+    SourceOptions,
+    check_series,
+    check_target_classes,
+    check_unique,
+    to_stored_dtype,
+    warn_missing_split,
+)
+from maestro_data.tile import Series, Tile, TileRef
+
+METADATA = "metadata.geojson"
+FOLD_CSV = "{split}_fold_{fold}.csv"  # MAESTRO naming (maestro/dataset/utils.py::read_csv), column "image"
+_FOLDER = re.compile(r"DATA_([A-Za-z0-9]+)")
+_YYYYMMDD = re.compile(r"\d{8}")
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def dates_property(pattern: str) -> str | None:
+    """``DATA_S2/S2_{id}.npy`` -> ``dates-S2``: the metadata property holding a modality's dates (None if no
+    ``DATA_<X>`` first folder)."""
+    match = _FOLDER.fullmatch(pattern.split("/", 1)[0])
+    return f"dates-{match.group(1)}" if match else None
+
+
+def parse_dates_property(value: Any) -> np.ndarray:
+    """A ``dates-*`` value, either ``{"0": 20180924, ...}`` or that object as a JSON string, -> (T, 3) int16.
+
+    Keys must be exactly "0".."T-1" (ordered by their integer value); dates int or str ``YYYYMMDD``.
+    Raises ValueError saying what is wrong.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"string is not a JSON object: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'expected an object {{"0": YYYYMMDD, ...}}, got {type(value).__name__}')
+    if not all(isinstance(k, str) and k.isdigit() for k in value):
+        raise ValueError(f"keys must be '0'..'T-1', got {sorted(value)[:5]}")
+    keys = sorted(value, key=int)
+    if [int(k) for k in keys] != list(range(len(keys))):
+        raise ValueError(f"keys must be '0'..'{len(keys) - 1}' without gaps or duplicates")
+    texts = []
+    for k in keys:
+        v = value[k]
+        if isinstance(v, bool) or not isinstance(v, int | str) or not _YYYYMMDD.fullmatch(str(v).strip()):
+            raise ValueError(f"date {v!r} at key {k!r}: expected YYYYMMDD")
+        texts.append(str(v).strip())
+    return dates_array(texts)  # ValueError names an impossible calendar date
+
+
+def fold_assignment(options: Mapping[str, Any], fold: int, names: Sequence[str] | None = None) -> dict[int, str]:
+    """Fold number -> split name for cross-validation fold ``fold``.
+
+    ``options`` lists fold I (e.g. train [1, 2, 3], val [4], test [5]); the N listed folds must be 1..N. Fold k
+    shifts every listed number by k-1 modulo N: fold 2 = train [2, 3, 4], val [5], test [1]; fold 5 = train
+    [5, 1, 2], val [3], test [4]. Raises ValueError on an inconsistent table (or a split not in ``names``) or a
+    fold outside 1..N.
+    """
+    base: dict[int, str] = {}
+    unknown = sorted(set(options) - set(names)) if names is not None else []
+    if unknown:
+        raise ValueError(f"{unknown} are not split names {list(names)}")
+    for split, folds in options.items():
+        if not isinstance(folds, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in folds):
+            raise ValueError(f"{split}: expected a list of fold numbers, got {folds!r}")
+        for f in folds:
+            if f in base:
+                raise ValueError(f"fold {f} is listed for both {base[f]!r} and {split!r}")
+            base[f] = split
+    n = len(base)
+    if sorted(base) != list(range(1, n + 1)):
+        raise ValueError(f"folds {sorted(base)} must be exactly 1..{n}")
+    if not 1 <= fold <= n:
+        raise ValueError(f"fold {fold} is not one of 1..{n}")
+    return {(f - 1 + fold - 1) % n + 1: split for f, split in base.items()}
+
+
+def polygon_centroid(geometry: Any) -> tuple[float, float]:
+    """Area centroid (shoelace formula) of a GeoJSON Polygon/MultiPolygon, holes subtracted, in its own CRS.
+
+    Coordinates are shifted to the first vertex first so Lambert-93 magnitudes (~1e6 m) lose no precision.
+    Raises ValueError for other geometry types or a zero-area polygon.
+    """
+    if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+        kind = geometry.get("type") if isinstance(geometry, dict) else type(geometry).__name__
+        raise ValueError(f"expected a Polygon or MultiPolygon geometry, got {kind!r}")
+    coords = geometry.get("coordinates")
+    polygons = [coords] if geometry["type"] == "Polygon" else coords
+    try:
+        rings = [(np.asarray(ring, dtype=np.float64)[:, :2], r == 0) for poly in polygons
+                 for r, ring in enumerate(poly)]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError("coordinates are not lists of [x, y] positions") from None
+    if not rings or any(ring.ndim != 2 or len(ring) < 3 for ring, _ in rings):
+        raise ValueError("a polygon ring has fewer than 3 positions")
+    x0, y0 = rings[0][0][0]
+    area = cx = cy = 0.0
+    for ring, exterior in rings:
+        x, y = ring[:, 0] - x0, ring[:, 1] - y0
+        xn, yn = np.roll(x, -1), np.roll(y, -1)
+        cross = x * yn - xn * y
+        a = cross.sum() / 2
+        sign = 1.0 if exterior else -1.0  # ring orientation is not reliable in the wild: use |area|
+        w = sign * abs(a)
+        if a != 0:
+            cx += w * ((x + xn) * cross).sum() / (6 * a)
+            cy += w * ((y + yn) * cross).sum() / (6 * a)
+        area += w
+    if not area > 0 or not math.isfinite(area):
+        raise ValueError("polygon has zero area")
+    return x0 + cx / area, y0 + cy / area
+
+
+@lru_cache(maxsize=8)
+def _to_lonlat(crs: str) -> Transformer:
+    return Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True)
+
+
+def _as_int(value: Any) -> int | None:
+    """An id or fold number as written by various exporters (10000, 10000.0, "10000"), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
+def _crs_member(crs: Any, origin: str) -> str | None:
+    """The pre-RFC-7946 GeoJSON ``crs`` member as a pyproj input (None when absent)."""
+    if crs is None:
+        return None
+    props = crs.get("properties") if isinstance(crs, dict) else None
+    if isinstance(props, dict) and isinstance(props.get("name"), str):
+        return props["name"]
+    raise SourceError(f"unrecognised 'crs' member {crs!r}: expected {{'type': 'name', 'properties': "
+                      "{'name': 'urn:ogc:def:crs:EPSG::2154'}}", path=origin)
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A manifest modality or target resolved against the PASTIS-HD layout."""
+
+    name: str
+    pattern: str
+    kind: str  # "npy" or "tif"
+    dates_key: str | None
+
+
+@dataclass(frozen=True)
+class _Patch:
+    tile_id: str
+    feature: int  # index in metadata.geojson, for messages
+    fold: int
+    properties: dict
+    geometry: Any
+
+
+# ---------------------------------------------------------------- reader
+
+
+class PastisHDSource(Source):
+    """PASTIS-HD reader; splits from ``Fold`` (rotated by ``--fold``) or MAESTRO ``{split}_fold_{k}.csv`` files."""
+
+    dataset = "pastis-hd"
+
+    def __init__(self, manifest: Manifest, root: str | Path, options: SourceOptions | None = None):
+        super().__init__(manifest, root, options)
+        self._patches: dict[str, _Patch] | None = None
+        self._crs = self.manifest.location_crs
+
+    def _inputs(self) -> dict[str, _Input]:
+        """Each modality and target with its file kind and dates property; SourceError for unusable patterns."""
+        out = {}
+        for name, spec in [*self.manifest.modalities.items(), *self.manifest.targets.items()]:
+            target = isinstance(spec, TargetSpec)
+            where = f"manifest {'targets' if target else 'modalities'}.{name}.source {spec.source!r}"
+            kind = {"npy": "npy", "tif": "tif", "tiff": "tif"}.get(spec.source.rsplit(".", 1)[-1].lower())
+            key = dates_property(spec.source)
+            if "{id}" not in spec.source:
+                raise SourceError(f"{where} has no {{id}} placeholder")
+            if kind is None or (target and (kind != "npy" or spec.type != "segmentation")):
+                raise SourceError(f"{where}: PASTIS-HD provides .npy/.tif modalities and .npy segmentation targets")
+            if kind == "npy" and not target and key is None:
+                raise SourceError(f"{where}: a time series must sit in a DATA_<X>/ folder dated by property dates-<X>")
+            out[name] = _Input(name, spec.source, kind, key)
+        return out
+
+    def _file(self, item: _Input, tile_id: str) -> Path:
+        return self.root / item.pattern.replace("{id}", tile_id)
+
+    def check_layout(self) -> None:
+        if not self.root.is_dir():
+            raise SourceError("not a directory (expected the PASTIS-HD root)", path=str(self.root))
+        if not (self.root / METADATA).is_file():
+            raise SourceError(f"not a PASTIS-HD folder: {METADATA} is missing", path=str(self.root))
+        for item in self._inputs().values():
+            folder = self.root / item.pattern.split("{id}", 1)[0].rsplit("/", 1)[0]
+            if not folder.is_dir():
+                raise SourceError(f"not a PASTIS-HD folder: {folder.relative_to(self.root)}/ (for {item.name}) "
+                                  "is missing", path=str(self.root))
+
+    def _index(self) -> dict[str, _Patch]:
+        """Parse metadata.geojson once (raw ``json``: dates may be objects or JSON strings)."""
+        if self._patches is not None:
+            return self._patches
+        path = self.root / METADATA
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise SourceError(f"missing: not a PASTIS-HD folder ({METADATA} expected)", path=str(path)) from None
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise SourceError(f"not valid GeoJSON: {exc}", path=str(path)) from None
+        features = raw.get("features") if isinstance(raw, dict) else None
+        if not isinstance(features, list):
+            raise SourceError("expected a GeoJSON FeatureCollection with a 'features' list", path=str(path))
+        crs = _crs_member(raw.get("crs"), str(path)) or self.manifest.location_crs
+        patches: dict[str, _Patch] = {}
+        for i, feat in enumerate(features):
+            props = feat.get("properties") if isinstance(feat, dict) else None
+            if not isinstance(props, dict):
+                raise SourceError(f"feature {i} has no properties", path=str(path))
+            raw_id = props.get("ID_PATCH", feat.get("id"))  # ID_PATCH is the id MAESTRO's split CSVs use
+            if _as_int(raw_id) is None:
+                raise SourceError(f"feature {i}: ID_PATCH {raw_id!r} is not an integer", path=str(path))
+            tile_id = str(_as_int(raw_id))
+            if tile_id in patches:
+                raise SourceError(f"duplicate ID_PATCH (features {patches[tile_id].feature} and {i})",
+                                  tile_id=tile_id, path=str(path))
+            fold = _as_int(props.get("Fold"))
+            if fold is None:
+                raise SourceError(f"Fold {props.get('Fold')!r} is not an integer", tile_id=tile_id, path=str(path))
+            patches[tile_id] = _Patch(tile_id, i, fold, props, feat.get("geometry"))
+        self._patches, self._crs = patches, crs
+        return patches
+
+    def _patch(self, tile_id: str) -> _Patch:
+        if tile_id not in self._index():
+            raise SourceError("no feature with this ID_PATCH", tile_id=tile_id, path=str(self.root / METADATA))
+        return self._index()[tile_id]
+
+    def list_tiles(self) -> list[TileRef]:
+        patches = self._index()
+        names = self.manifest.splits.names
+        from_csv = self._fold_csvs()
+        refs: list[TileRef] = []
+        if from_csv is None:
+            meta = str(self.root / METADATA)
+            try:
+                split_of = fold_assignment(self.manifest.splits.options, self.options.fold, names)
+            except ValueError as exc:
+                raise SourceError(f"manifest splits.options / --fold {self.options.fold}: {exc}") from None
+            for tile_id, patch in patches.items():
+                if patch.fold not in split_of:
+                    raise SourceError(f"Fold {patch.fold} is not one of the folds {sorted(split_of)}",
+                                      tile_id=tile_id, path=meta)
+            for split in names:
+                refs += [TileRef(t, split, p.fold) for t, p in patches.items() if split_of[p.fold] == split]
+            return check_unique(refs, meta)
+        for split in names:
+            csv_path, ids = from_csv[split]
+            for tile_id in ids:
+                if tile_id not in patches:
+                    raise SourceError(f"listed in the split file but has no feature in {METADATA}",
+                                      tile_id=tile_id, path=str(csv_path))
+                refs.append(TileRef(tile_id, split, patches[tile_id].fold))
+        return check_unique(refs, f"{self.root}/{FOLD_CSV.format(split='*', fold=self.options.fold)}")
+
+    def _fold_csvs(self) -> dict[str, tuple[Path, list[str]]] | None:
+        """MAESTRO's ``{split}_fold_{k}.csv`` for the requested fold, or None when none of them exists."""
+        paths = {s: self.root / FOLD_CSV.format(split=s, fold=self.options.fold) for s in self.manifest.splits.names}
+        if not any(p.is_file() for p in paths.values()):
+            return None
+        out = {}
+        for split, path in paths.items():
+            if not path.is_file():
+                warn_missing_split(path, split)
+                out[split] = (path, [])
+                continue
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                rows = csv.DictReader(fh)
+                if not rows.fieldnames or "image" not in rows.fieldnames:
+                    raise SourceError(f"no 'image' column (columns: {rows.fieldnames})", path=str(path))
+                ids = []
+                for line, row in enumerate(rows, start=2):
+                    number = _as_int(row["image"])
+                    if number is None:
+                        raise SourceError(f"line {line}: image {row['image']!r} is not an ID_PATCH", path=str(path))
+                    ids.append(str(number))
+            out[split] = (path, ids)
+        return out
+
+    def _dates(self, item: _Input, spec: ModalitySpec, patch: _Patch, steps: int, path: Path) -> np.ndarray:
+        """(T, 3) dates of a modality's ``steps`` stored time steps; SourceError when the table disagrees."""
+        tid, meta = patch.tile_id, str(self.root / METADATA)
+        if item.dates_key not in patch.properties:
+            if item.kind == "npy":
+                raise SourceError(f"{spec.name}: property {item.dates_key!r} is missing", tile_id=tid, path=meta)
+            ref = self.manifest.reference_date_tuple()
+            if ref is None or steps != 1:
+                raise SourceError(f"{spec.name}: {steps} image(s) but no {item.dates_key!r} property and "
+                                  f"reference_date {self.manifest.reference_date!r} gives one fixed date",
+                                  tile_id=tid, path=str(path))
+            return np.asarray([ref], dtype=np.int16)
+        try:
+            dates = parse_dates_property(patch.properties[item.dates_key])
+        except ValueError as exc:
+            raise SourceError(f"{spec.name}: malformed {item.dates_key!r}: {exc}", tile_id=tid, path=meta) from None
+        if len(dates) != steps:
+            raise SourceError(f"{spec.name}: {steps} time steps in the file but {len(dates)} dates in {METADATA} "
+                              f"{item.dates_key!r}", tile_id=tid, path=str(path))
+        if steps == 0:
+            raise SourceError(f"{spec.name}: empty time series", tile_id=tid, path=str(path))
+        return dates
+
+    def probe(self, ref: TileRef) -> TileRef:
+        patch, items, counts = self._patch(ref.tile_id), self._inputs(), {}
+        for name, spec in self.manifest.modalities.items():
+            item, path = items[name], self._file(items[name], ref.tile_id)
+            if item.kind == "npy":
+                shape = _npy_shape(path, ref.tile_id)
+                expected = (spec.stored_channels, spec.tile_size, spec.tile_size)
+                if len(shape) != 4 or shape[1:] != expected:
+                    raise SourceError(f"{name}: array of shape {shape}, expected (T, {', '.join(map(str, expected))})",
+                                      tile_id=ref.tile_id, path=str(path))
+                steps = shape[0]
+            else:
+                steps = _read_tif(path, ref.tile_id, spec, header_only=True)
+            counts[name] = len(self._dates(item, spec, patch, steps, path))
+        for name, spec in self.manifest.targets.items():
+            path = self._file(items[name], ref.tile_id)
+            _check_target_shape(spec, _npy_shape(path, ref.tile_id), ref.tile_id, path)
+        return replace(ref, counts=counts)
+
+    def read(self, ref: TileRef) -> Tile:
+        tid = ref.tile_id
+        patch, items, series = self._patch(tid), self._inputs(), {}
+        for name, spec in self.manifest.modalities.items():
+            item, path = items[name], self._file(items[name], tid)
+            data = _load_npy(path, tid) if item.kind == "npy" else _read_tif(path, tid, spec)
+            # a wrong rank is reported by check_series, with the expected shape
+            dates = self._dates(item, spec, patch, data.shape[0], path) if data.ndim == 4 else np.zeros((0, 3))
+            check_series(spec, Series(data, dates), tile_id=tid, path=path)
+            series[name] = Series(to_stored_dtype(data, spec.dtype, tile_id=tid, path=path, what=name), dates)
+        targets = {}
+        for name, spec in self.manifest.targets.items():
+            path = self._file(items[name], tid)
+            data = _load_npy(path, tid)
+            _check_target_shape(spec, data.shape, tid, path)
+            labels = to_stored_dtype(data[0] if data.ndim == 3 else data, spec.dtype, tile_id=tid, path=path,
+                                     what=name)
+            check_target_classes(labels, len(spec.classes), tile_id=tid, path=path, name=name)
+            targets[name] = np.ascontiguousarray(labels)
+        if self.manifest.reference_date in series:
+            ref_date = series[self.manifest.reference_date].dates[0]
+        else:
+            ref_date = np.asarray(self.manifest.reference_date_tuple(), dtype=np.int16)
+        lon, lat = self._location(patch, tid)
+        return Tile(tile_id=tid, split=ref.split, fold=ref.fold, lon=lon, lat=lat, ref_date=ref_date,
+                    series=series, targets=targets)
+
+    def _location(self, patch: _Patch, tile_id: str) -> tuple[float, float]:
+        meta = str(self.root / METADATA)
+        try:
+            x, y = polygon_centroid(patch.geometry)
+        except ValueError as exc:
+            raise SourceError(f"geometry of feature {patch.feature}: {exc}", tile_id=tile_id, path=meta) from None
+        try:
+            lon, lat = _to_lonlat(self._crs).transform(x, y)
+        except CRSError as exc:
+            raise SourceError(f"CRS {self._crs!r} is not understood: {exc}", tile_id=tile_id, path=meta) from None
+        if not (math.isfinite(lon) and math.isfinite(lat)):
+            raise SourceError(f"centroid ({x}, {y}) cannot be projected from {self._crs} to lon/lat",
+                              tile_id=tile_id, path=meta)
+        return float(lon), float(lat)
+
+
+# ---------------------------------------------------------------- file access (I/O edge)
+
+
+def _check_target_shape(spec: TargetSpec, shape: tuple[int, ...], tile_id: str, path: Path) -> None:
+    size = (spec.tile_size, spec.tile_size)
+    if len(shape) not in (2, 3) or tuple(shape[-2:]) != size or 0 in shape:
+        raise SourceError(f"{spec.name}: array of shape {tuple(shape)}, expected (C, {size[0]}, {size[1]}) with "
+                          "the semantic classes in channel 0", tile_id=tile_id, path=str(path))
+
+
+def _npy_shape(path: Path, tile_id: str) -> tuple[int, ...]:
+    """Shape from the npy header alone, checking the file is long enough to hold the array."""
+    try:
+        with path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported npy format version {version}")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            needed, size = fh.tell() + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    except FileNotFoundError:
+        raise SourceError("missing file", tile_id=tile_id, path=str(path)) from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise SourceError(f"corrupt npy header: {exc}", tile_id=tile_id, path=str(path)) from None
+    if dtype.kind not in "biuf":
+        raise SourceError(f"npy of dtype {dtype}, expected a numeric array", tile_id=tile_id, path=str(path))
+    if size < needed:
+        raise SourceError(f"truncated npy: {size} bytes, {needed} needed for {shape} {dtype}", tile_id=tile_id,
+                          path=str(path))
+    return tuple(int(n) for n in shape)
+
+
+def _load_npy(path: Path, tile_id: str) -> np.ndarray:
+    _npy_shape(path, tile_id)  # clear messages for missing, corrupt and truncated files
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SourceError(f"corrupt npy: {exc}", tile_id=tile_id, path=str(path)) from None
+
+
+def _read_tif(path: Path, tile_id: str, spec: ModalitySpec, header_only: bool = False) -> np.ndarray | int:
+    """(T*C, H, W) GeoTIFF -> (T, C, H, W), band index = t*C + c as the official reader; or T alone."""
+    if not path.is_file():
+        raise SourceError("missing file", tile_id=tile_id, path=str(path))
+    try:
+        with rasterio.open(path) as src:
+            count, shape = src.count, (src.height, src.width)
+            data = None if header_only else src.read()
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise SourceError(f"corrupt or truncated GeoTIFF: {exc}{cause}", tile_id=tile_id, path=str(path)) from None
+    c, s = spec.stored_channels, spec.tile_size
+    if count % c or shape != (s, s):
+        raise SourceError(f"{spec.name}: {count} bands of {shape[0]}x{shape[1]} px, expected a multiple of {c} "
+                          f"bands of {s}x{s} px", tile_id=tile_id, path=str(path))
+    return count // c if data is None else data.reshape(count // c, c, s, s)

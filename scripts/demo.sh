@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's demo: from nothing, generate a small dataset in its REAL published layout, build the zarr tile store,
+# its furthest-point-sampled subsets and WebDataset shards, then inspect and verify them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+OUT=${1:-demo-out}
+rm -rf "$OUT"
+for dataset in treesatai-ts flair-hub; do
+  maestro-data demo-data "$dataset" --out "$OUT/raw" --tiles 12 >/dev/null
+done
+maestro-data build treesatai-ts --src "$OUT/raw/treesatai-ts" --out "$OUT/treesatai-ts" --shard-size 4MB
+maestro-data build flair-hub --src "$OUT/raw/flair-hub" --out "$OUT/flair-hub" --workers 2 --shard-size 64MB
+maestro-data info "$OUT/flair-hub/store.zarr"
+maestro-data info "$OUT/flair-hub/shards"
+maestro-data verify "$OUT/flair-hub/shards" --full
+echo "demo outputs are in $OUT/"

@@ -1,0 +1,274 @@
+"""Shards: bit-exact round trip (tarfile and webdataset), deterministic bytes, atomic index, reading over HTTP,
+and every corruption verify must catch."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+from fakes import MemorySource
+from hypothesis import given
+from hypothesis import strategies as st
+
+import maestro_data.shards as shards_mod
+from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.errors import ShardError
+from maestro_data.manifest import load_manifest
+from maestro_data.shard_read import iter_samples, open_index, read_shard, shard_url, verify
+from maestro_data.shards import ShardOptions, sample_key, shard_entries, tile_id_of, write_shards
+from maestro_data.store import TileStore
+
+MANIFEST = load_manifest("treesatai-ts")
+
+
+@pytest.fixture
+def built(tmp_path, memory_source):
+    memory_source.update(n=30)
+    (tmp_path / "raw").mkdir()
+    build_store(MANIFEST, tmp_path / "raw", tmp_path / "out", BuildOptions(block_tiles=8, quiet=True))
+    compute_subsets(tmp_path / "out", (5, 20))
+    return tmp_path / "out"
+
+
+def _all_samples(index_dir):
+    index, loc = open_index(index_dir)
+    out = {}
+    for split in index["splits"]:
+        for entry in shard_entries(index, split):
+            for sample in read_shard(shard_url(loc, entry["url"])):
+                out[sample["tile_id"]] = sample
+    return index, out
+
+
+def test_round_trip_through_tarfile_and_webdataset(built, tmp_path):
+    index = write_shards(built, tmp_path / "shards", ShardOptions(shard_bytes=300_000, quiet=True))
+    store = TileStore(built)
+    assert sum(s["samples"] for s in index["splits"].values()) == len(store)
+    # plain tarfile + np.load, as any user could
+    seen = set()
+    for split in index["splits"].values():
+        for entries in split["tiers"].values():
+            for entry in entries:
+                with tarfile.open(tmp_path / "shards" / entry["url"]) as tar:
+                    names = tar.getnames()
+                    for key, tile_id in zip(entry["keys"], entry["tile_ids"], strict=True):
+                        assert tile_id_of(key) == tile_id
+                        tile = store.read_tile(tile_id)
+                        meta = json.loads(tar.extractfile(f"{key}.json").read())
+                        assert meta["tile_id"] == tile_id and meta["split"] == tile.split
+                        for name, series in tile.series.items():
+                            data = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}.npy").read()))
+                            assert data.dtype == series.data.dtype
+                            assert np.array_equal(data, series.data, equal_nan=True)
+                            dates = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}_dates.npy").read()))
+                            assert np.array_equal(dates, series.dates)
+                        seen.add(tile_id)
+                    assert len(names) == len(set(names))
+    assert seen == set(store.tile_ids)
+    # the webdataset reader sees the same samples
+    import webdataset as wds
+
+    urls = [str(tmp_path / "shards" / e["url"]) for s in index["splits"].values() for t in s["tiers"].values()
+            for e in t]
+    count = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        tile = store.read_tile(tile_id_of(sample["__key__"]))
+        assert np.array_equal(sample["s2.npy"], tile.series["s2"].data)
+        assert np.array_equal(sample["s2_mask.npy"], tile.series["s2"].mask)
+        assert sample["json"]["tile_id"] == tile.tile_id
+        count += 1
+    assert count == len(store)
+
+
+def test_tiers_are_nested_subsets_without_duplicated_bytes(built, tmp_path):
+    index = write_shards(built, tmp_path / "shards", ShardOptions(quiet=True))
+    store = TileStore(built)
+    for split in ("train", "val", "test"):
+        order, counts = store.subsets(split)
+        ids = {p: [e for entry in shard_entries(index, split, p) for e in entry["tile_ids"]] for p in (5, 20, 100)}
+        assert len(ids[5]) == counts[5] and len(ids[20]) == counts[20]
+        assert set(ids[5]) <= set(ids[20]) <= set(ids[100])
+        assert len(ids[100]) == len(set(ids[100])) == len(store.split_indices(split))
+        assert set(ids[20]) == {store.tile_ids[i] for i in order[:counts[20]]}
+    with pytest.raises(ShardError, match="no 7 % subset"):
+        shard_entries(index, "train", 7)
+
+
+def test_rewrite_is_byte_identical(built, tmp_path):
+    a = write_shards(built, tmp_path / "a", ShardOptions(shard_bytes=200_000, quiet=True))
+    b = write_shards(built, tmp_path / "b", ShardOptions(shard_bytes=200_000, quiet=True))
+    assert json.dumps(a["splits"]) == json.dumps(b["splits"])
+    for path in (tmp_path / "a").rglob("*.tar"):
+        other = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(other.read_bytes()).digest()
+    c = write_shards(built, tmp_path / "c", ShardOptions(shard_bytes=200_000, seed=1, quiet=True))
+    assert c["splits"]["train"]["tiers"]["100"][0]["tile_ids"] != a["splits"]["train"]["tiers"]["100"][0]["tile_ids"]
+
+
+def test_interrupted_writing_leaves_no_index_and_a_rerun_completes(built, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    calls = {"n": 0}
+    original = shards_mod._ShardWriter.add
+
+    def dying_add(self, tile_id, members):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt("killed")
+        original(self, tile_id, members)
+
+    monkeypatch.setattr(shards_mod._ShardWriter, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(built, out, ShardOptions(shard_bytes=100_000, quiet=True))
+    assert not (out / "index.json").exists()
+    with pytest.raises(ShardError, match="no shard index"):
+        verify(out)
+    monkeypatch.setattr(shards_mod._ShardWriter, "add", original)
+    write_shards(built, out, ShardOptions(shard_bytes=100_000, quiet=True))
+    assert verify(out, full=True) == []
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_reading_and_verifying_over_http(built, tmp_path, http_server):
+    write_shards(built, tmp_path / "shards", ShardOptions(shard_bytes=300_000, quiet=True))
+    url = f"{http_server}/shards/index.json"
+    assert verify(url, full=True) == []
+    assert verify(f"{http_server}/shards", full=False) == []
+    _, local = _all_samples(tmp_path / "shards")
+    _, remote = _all_samples(f"{http_server}/shards")
+    assert local.keys() == remote.keys()
+    for tid, sample in remote.items():
+        assert np.array_equal(sample["s1_asc"], local[tid]["s1_asc"], equal_nan=True)
+    (tmp_path / "shards" / "val" / "100-00000.tar").unlink()
+    problems = verify(url)
+    assert len(problems) == 1 and "val/100-00000.tar: missing shard" in problems[0]
+
+
+def _rewrite_index(path, edit):
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+
+
+def test_verify_names_each_corruption(built, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(built, out, ShardOptions(shard_bytes=200_000, quiet=True))
+    assert verify(out, full=True) == []
+    train = sorted((out / "train").glob("*.tar"))
+    flipped, truncated, missing = train[0], train[1], sorted((out / "test").glob("*.tar"))[0]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    missing.unlink()
+    problems = verify(out)
+    text = "\n".join(problems)
+    assert len(problems) == 3
+    assert f"{flipped.name}: sha256 mismatch" in text
+    assert f"{truncated.name}:" in text and "truncated or replaced" in text
+    assert f"{missing.name}: missing shard" in text
+
+
+def test_index_counts_schema_manifest_and_urls(built, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(built, out, ShardOptions(shard_bytes=200_000, quiet=True))
+    index_path = out / "index.json"
+    original = index_path.read_text()
+
+    def more_samples(index):
+        index["splits"]["val"]["tiers"]["100"][0]["samples"] += 1
+
+    _rewrite_index(index_path, more_samples)
+    assert "keys for" in verify(out)[0]
+    index_path.write_text(original)
+
+    def duplicate_key(index):
+        tiers = index["splits"]["train"]["tiers"]["100"]
+        tiers[-1]["keys"][0] = index["splits"]["val"]["tiers"]["100"][0]["keys"][0]
+
+    _rewrite_index(index_path, duplicate_key)
+    assert any("duplicate sample key" in p for p in verify(out))
+    index_path.write_text(original)
+    _rewrite_index(index_path, lambda ix: ix.update(schema=99))
+    with pytest.raises(ShardError, match="unknown index schema version 99"):
+        verify(out)
+    index_path.write_text(original)
+    with pytest.raises(ShardError, match="built from manifest 'treesatai-ts'.*not from 'flair-hub'"):
+        verify(out, manifest=load_manifest("flair-hub"))
+    for bad in ("pipe:curl http://x/a.tar", "/etc/passwd", "../../a.tar", "http://elsewhere/a.tar"):
+        with pytest.raises(ShardError, match="not a relative path"):
+            shard_url(str(index_path), bad)
+    with pytest.raises(ShardError, match="pipe: urls are not accepted"):
+        open_index("pipe:cat index.json")
+
+
+def _tar(members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    buf.seek(0)
+    return buf
+
+
+def _npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("../evil.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
+        ([("/abs.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
+        ([("a.s2.pickle", b"cos\nsystem\n", tarfile.REGTYPE)], "pickle members are refused"),
+        ([("a.s2.npy", b"", tarfile.SYMTYPE)], "links are refused"),
+        ([("a.s2.npy", _npy(np.array([{"x": 1}], dtype=object)), tarfile.REGTYPE)], "object arrays"),
+        ([("a.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE), ("b.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE),
+          ("a.s1.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "duplicate sample key 'a'"),
+        ([("a.s2.npy", b"\x93NUMPY\x01\x00" + b"\xff\xff" + b"x" * 70000, tarfile.REGTYPE)], "not a valid npy"),
+    ],
+)
+def test_hostile_members_are_refused(members, message):
+    with pytest.raises(ShardError, match=message):
+        list(iter_samples(_tar(members), "hostile.tar"))
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_sample_keys_map_back_to_any_tile_id(tile_id):
+    key = sample_key(tile_id)
+    assert tile_id_of(key) == tile_id
+    assert "." not in key and "/" not in key and key.isascii()
+
+
+def test_memory_source_ids_are_awkward():
+    ids = [r.tile_id for r in MemorySource(MANIFEST, ".").list_tiles()]
+    assert all("/" in t and ":" in t and "é" in t for t in ids)
