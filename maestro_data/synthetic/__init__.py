@@ -18,10 +18,12 @@ GENERATORS = {
 }
 
 
-def generate(dataset: str, out: str | Path, tiles: int = 8, seed: int = 0) -> Path:
-    """Write a synthetic raw dataset named ``dataset`` with ``tiles`` tiles under ``out``; returns its root."""
+def generate(dataset: str, out: str | Path, tiles: int = 8, seed: int = 0, **options) -> Path:
+    """Write a synthetic raw dataset named ``dataset`` with ``tiles`` tiles under ``out``; returns its root.
+
+    ``options`` go to the dataset's generator (e.g. ``t_s2``/``t_s1`` time-series lengths for FLAIR-HUB)."""
     if dataset not in GENERATORS:
         raise ValueError(f"no synthetic generator for {dataset!r} (known: {', '.join(GENERATORS)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return import_module(GENERATORS[dataset]).generate(out, tiles=tiles, seed=seed, dataset=dataset)
+    return import_module(GENERATORS[dataset]).generate(out, tiles=tiles, seed=seed, dataset=dataset, **options)
