@@ -1,0 +1,243 @@
+"""Minimal GeoPackage access with the standard library: a GeoPackage is an SQLite database (OGC 12-128r18).
+
+Reading needs no GDAL: the FLAIR-HUB metadata tables are plain columns (patch id, JSON date strings, split
+names) beside a geometry blob; ``DateTable`` holds one FLAIR-HUB ``GLOBAL_*_MTD_DATES`` table. Writing (for the
+synthetic generator) produces a conformant file: the mandatory ``gpkg_spatial_ref_sys``, ``gpkg_contents`` and
+``gpkg_geometry_columns`` tables, the GPKG application id, and geometry blobs made of the GeoPackage binary
+header (with envelope) followed by ISO WKB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from maestro_data.dates import dates_array
+from maestro_data.errors import SourceError
+
+APPLICATION_ID = 0x47504B47  # "GPKG"
+USER_VERSION = 10400  # GeoPackage 1.4
+_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
+_DUPLICATE = object()  # marks a patch id listed more than once in a date table
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open ``path`` read-only (sqlite would silently create a missing file in the default mode)."""
+    if not path.is_file():
+        raise SourceError("GeoPackage not found", path=str(path))
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"not a readable GeoPackage/SQLite file ({exc})", path=str(path)) from None
+    return con
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def feature_table(con: sqlite3.Connection, path: Path, required: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """The feature table holding every ``required`` column (matched case-insensitively) and its column names.
+
+    Returns (table name, {lower-case name: actual name}). The table is looked up in ``gpkg_contents`` rather than
+    guessed from the file name, because GDAL names layers freely.
+    """
+    try:
+        tables = [r[0] for r in con.execute("SELECT table_name FROM gpkg_contents WHERE data_type = 'features' "
+                                            "ORDER BY table_name")]
+    except sqlite3.DatabaseError as exc:
+        raise SourceError(f"not a GeoPackage: no readable gpkg_contents table ({exc})", path=str(path)) from None
+    found: list[tuple[str, dict[str, str]]] = []
+    for table in tables:
+        try:
+            cols = {r[1].lower(): r[1] for r in con.execute(f"PRAGMA table_info({_quote(table)})")}
+        except sqlite3.DatabaseError as exc:
+            raise SourceError(f"feature table {table!r} is unreadable ({exc})", path=str(path)) from None
+        if all(c.lower() in cols for c in required):
+            return table, cols
+        found.append((table, cols))
+    listing = "; ".join(f"{t}: {', '.join(c.values())}" for t, c in found) or "no feature table"
+    raise SourceError(f"no feature table with columns {', '.join(required)} ({listing})", path=str(path))
+
+
+def read_columns(path: Path, columns: Sequence[str]) -> list[tuple]:
+    """Every row of the feature table that has ``columns``, as tuples in that column order (one plain SELECT)."""
+    con = connect_readonly(path)
+    try:
+        table, cols = feature_table(con, path, columns)
+        select = ", ".join(_quote(cols[c.lower()]) for c in columns)
+        try:
+            return con.execute(f"SELECT {select} FROM {_quote(table)}").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise SourceError(f"cannot read table {table!r} ({exc})", path=str(path)) from None
+    finally:
+        con.close()
+
+
+def column_names(path: Path, required: Sequence[str]) -> list[str]:
+    """Actual column names of the feature table that has ``required`` (to pick e.g. the split columns)."""
+    con = connect_readonly(path)
+    try:
+        return list(feature_table(con, path, required)[1].values())
+    finally:
+        con.close()
+
+
+# -- FLAIR-HUB GLOBAL_*_MTD_DATES tables ----------------------------------------------------------------------
+
+
+def parse_acquisitions(raw: object, *, series: bool, tile_id: str, path: Path, what: str) -> list[str]:
+    """A date-table cell -> YYYYMMDD strings in band order (JSON keys "1", "2", ... sorted as integers)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if raw is None:
+        values = []
+    elif not series:
+        values = [str(raw).strip()]
+    else:
+        try:
+            table = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{what}: acquisition_dates is not valid JSON ({exc})", tile_id=tile_id,
+                              path=str(path)) from None
+        if not isinstance(table, dict):
+            raise SourceError(f"{what}: acquisition_dates must be a JSON object {{\"1\": \"YYYYMMDD\", ...}}, "
+                              f"got {str(raw)[:60]!r}", tile_id=tile_id, path=str(path))
+        try:
+            keyed = sorted(((int(k), v) for k, v in table.items()), key=lambda kv: kv[0])
+        except (TypeError, ValueError):
+            raise SourceError(f"{what}: acquisition_dates keys must be integers, got {list(table)[:5]}",
+                              tile_id=tile_id, path=str(path)) from None
+        if len({k for k, _ in keyed}) != len(keyed):
+            raise SourceError(f"{what}: acquisition_dates has repeated keys", tile_id=tile_id, path=str(path))
+        values = [str(v).strip() for _, v in keyed]
+    if not values:
+        raise SourceError(f"{what}: empty time series (zero acquisition dates)", tile_id=tile_id, path=str(path))
+    bad = [v for v in values if len(v) != 8 or not v.isdigit()]
+    if bad:
+        raise SourceError(f"{what}: dates {bad[:3]} are not YYYYMMDD", tile_id=tile_id, path=str(path))
+    try:
+        dates_array(values)
+    except ValueError as exc:
+        raise SourceError(f"{what}: {exc}", tile_id=tile_id, path=str(path)) from None
+    return values
+
+
+@dataclasses.dataclass
+class DateTable:
+    """One ``GLOBAL_<KEY>_MTD_DATES.gpkg``: patch id -> raw cell (JSON string for series, YYYYMMDD otherwise)."""
+
+    path: Path
+    series: bool
+    rows: dict[str, object]
+
+    @classmethod
+    def load(cls, path: Path) -> DateTable:
+        names = {c.lower() for c in column_names(path, ["patch_id"])}
+        series = "acquisition_dates" in names
+        if not series and "date" not in names:
+            raise SourceError("date table has neither an 'acquisition_dates' nor a 'date' column", path=str(path))
+        rows: dict[str, object] = {}
+        for pid, value in read_columns(path, ["patch_id", "acquisition_dates" if series else "date"]):
+            pid = str(pid)
+            rows[pid] = _DUPLICATE if pid in rows else value
+        return cls(path, series, rows)
+
+    def dates(self, tile_id: str, what: str) -> list[str]:
+        if tile_id not in self.rows:
+            raise SourceError(f"{what}: patch has no row in this date table", tile_id=tile_id, path=str(self.path))
+        raw = self.rows[tile_id]
+        if raw is _DUPLICATE:
+            raise SourceError(f"{what}: patch id listed more than once in this date table", tile_id=tile_id,
+                              path=str(self.path))
+        return parse_acquisitions(raw, series=self.series, tile_id=tile_id, path=self.path, what=what)
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def polygon_blob(ring: Sequence[tuple[float, float]], srs_id: int) -> bytes:
+    """A GeoPackage geometry blob: header (little-endian, xy envelope) + ISO WKB Polygon of one closed ring."""
+    pts = list(ring)
+    if pts[0] != pts[-1]:
+        pts.append(pts[0])
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    flags = 0b0000_0011  # bit 0: little-endian header; bits 1-3 = 1: envelope [minx, maxx, miny, maxy]
+    header = b"GP" + struct.pack("<BBi4d", 0, flags, srs_id, min(xs), max(xs), min(ys), max(ys))
+    wkb = struct.pack("<BIII", 1, 3, 1, len(pts)) + b"".join(struct.pack("<2d", x, y) for x, y in pts)
+    return header + wkb
+
+
+def geometry_envelope(blob: bytes) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) from a geometry blob's header envelope; ValueError if it has none."""
+    if len(blob) < 8 or blob[:2] != b"GP":
+        raise ValueError("not a GeoPackage geometry blob (missing 'GP' magic)")
+    flags = blob[3]
+    order = "<" if flags & 1 else ">"
+    kind = (flags >> 1) & 0b111
+    if kind not in _ENVELOPE_BYTES:
+        raise ValueError(f"invalid envelope indicator {kind}")
+    if kind == 0:
+        raise ValueError("geometry blob has no envelope")
+    minx, maxx, miny, maxy = struct.unpack_from(f"{order}4d", blob, 8)
+    return minx, miny, maxx, maxy
+
+
+def write_feature_gpkg(path: Path, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence],
+                       geometries: Sequence[bytes], srs_id: int, srs_wkt: str,
+                       geometry_type: str = "POLYGON") -> None:
+    """Write a one-layer GeoPackage: ``columns`` = [(name, SQL type)], one geometry blob per row."""
+    if len(rows) != len(geometries):
+        raise ValueError(f"{len(rows)} rows but {len(geometries)} geometries")
+    path.unlink(missing_ok=True)
+    con = sqlite3.connect(path)
+    try:
+        con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        con.execute(f"PRAGMA user_version = {USER_VERSION}")
+        con.executescript(_CORE_TABLES)
+        con.executemany("INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)", [
+            ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", "undefined cartesian coordinate reference system"),
+            ("Undefined geographic SRS", 0, "NONE", 0, "undefined", "undefined geographic coordinate reference system"),
+            (f"EPSG:{srs_id}", srs_id, "EPSG", srs_id, srs_wkt, None),
+        ])
+        envs = [geometry_envelope(g) for g in geometries]
+        bounds = (min(e[0] for e in envs), min(e[1] for e in envs), max(e[2] for e in envs),
+                  max(e[3] for e in envs)) if envs else (None, None, None, None)
+        con.execute("INSERT INTO gpkg_contents (table_name, data_type, identifier, description, min_x, min_y, "
+                    "max_x, max_y, srs_id) VALUES (?, 'features', ?, '', ?, ?, ?, ?, ?)",
+                    (table, table, *bounds, srs_id))
+        con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', ?, ?, 0, 0)",
+                    (table, geometry_type, srs_id))
+        defs = ", ".join(f"{_quote(n)} {t}" for n, t in columns)
+        con.execute(f"CREATE TABLE {_quote(table)} (fid INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, "
+                    f"geom {geometry_type}, {defs})")
+        names = ", ".join(_quote(n) for n, _ in columns)
+        marks = ", ".join("?" for _ in range(len(columns) + 1))
+        con.executemany(f"INSERT INTO {_quote(table)} (geom, {names}) VALUES ({marks})",
+                        [(g, *r) for g, r in zip(geometries, rows, strict=True)])
+        con.commit()
+    finally:
+        con.close()
+
+
+_CORE_TABLES = """
+CREATE TABLE gpkg_spatial_ref_sys (
+  srs_name TEXT NOT NULL, srs_id INTEGER NOT NULL PRIMARY KEY, organization TEXT NOT NULL,
+  organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL, description TEXT);
+CREATE TABLE gpkg_contents (
+  table_name TEXT NOT NULL PRIMARY KEY, data_type TEXT NOT NULL, identifier TEXT UNIQUE,
+  description TEXT DEFAULT '', last_change DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+  min_x DOUBLE, min_y DOUBLE, max_x DOUBLE, max_y DOUBLE, srs_id INTEGER,
+  CONSTRAINT fk_gc_r_srs_id FOREIGN KEY (srs_id) REFERENCES gpkg_spatial_ref_sys(srs_id));
+CREATE TABLE gpkg_geometry_columns (
+  table_name TEXT NOT NULL, column_name TEXT NOT NULL, geometry_type_name TEXT NOT NULL,
+  srs_id INTEGER NOT NULL, z TINYINT NOT NULL, m TINYINT NOT NULL,
+  CONSTRAINT pk_geom_cols PRIMARY KEY (table_name, column_name),
+  CONSTRAINT fk_gc_tn FOREIGN KEY (table_name) REFERENCES gpkg_contents(table_name),
+  CONSTRAINT fk_gc_srs FOREIGN KEY (srs_id) REFERENCES gpkg_spatial_ref_sys (srs_id));
+"""
