@@ -186,3 +186,18 @@ def test_build_killed_with_sigkill_resumes_to_the_uninterrupted_store(tmp_path):
         assert np.array_equal(a[key], b[key], equal_nan=True), key
     report = json.loads((tmp_path / "cut" / "report.json").read_text())
     assert report["tiles_written"] == 8
+
+
+def test_on_error_skip_completes_and_reports_the_corrupt_tile(tmp_path):
+    src = generate("treesatai-ts", tmp_path / "raw", tiles=5, seed=2)
+    victim = sorted((src / "sentinel-ts").glob("*.h5"))[1]
+    victim.write_bytes(victim.read_bytes()[:2000])  # truncated HDF5
+    args = ["build", "treesatai-ts", "--src", str(src), "--quiet"]
+    failed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert failed.exit_code != 0 and victim.name in failed.output and "Traceback" not in failed.output
+    ok = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--on-error", "skip"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["tiles_written"] == 4 and report["tiles_skipped"] == 1
+    assert victim.name in report["skipped"][0]["reason"]
+    assert verify(tmp_path / "b" / "shards", full=True) == []

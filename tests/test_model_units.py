@@ -1,0 +1,329 @@
+"""Unit checks of the model parts against model-spec numbers and hand computations; every fusion and multispectral
+mode runs; bad inputs fail with the stage's error naming the culprit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+
+import pytest
+import torch
+
+from maestro_data.batch import BatchError, check_batch, expected_shapes
+from maestro_data.errors import ManifestError
+from maestro_data.manifest import load_manifest, parse_manifest
+from maestro_model import encodings as enc
+from maestro_model.losses import ReconSpec, multilabel_loss, reconstruction_loss, segmentation_loss
+from maestro_model.masking import (
+    MaskConfig,
+    exact_count,
+    num_masked,
+    sample_masks,
+    structured_probabilities,
+    to_rows,
+)
+from maestro_model.model import FUSIONS, ModelError, build_model
+
+TINY = dict(embed_dim=24, depth=2, heads=2, dim_head=8, mlp_ratio=2, decoder_dim=16, decoder_depth=1,
+            decoder_heads=2, decoder_dim_head=8, decoder_mlp_ratio=2)
+
+
+def tiny(dataset: str, fusion: str = "group", **kw):
+    torch.manual_seed(0)
+    inter = {"inter_depth": 1} if fusion == "inter-group" else {}
+    return build_model(dataset, "tiny", fusion, **inter, **{**TINY, **kw})
+
+
+def make_batch(manifest, b: int, seed: int = 0) -> dict:
+    """Random batch following the contract (float inputs, sorted dates, targets with some missing values)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {"ref_date": torch.tensor([[[2019, 182, 0]]] * b, dtype=torch.int16)}
+    for m in manifest.modalities.values():
+        batch[m.name] = torch.rand((b, m.temporal_bins, m.channels, m.image_size, m.image_size), generator=g)
+        doy = torch.sort(torch.randint(1, 366, (b, m.temporal_bins), generator=g), dim=1).values
+        batch[f"{m.name}_dates"] = torch.stack([torch.full_like(doy, 2019), doy, torch.zeros_like(doy)], -1).short()
+    for t in manifest.targets.values():
+        if t.type == "multilabel":
+            batch[t.name] = (torch.rand((b, t.num_classes), generator=g) > 0.5).float()
+        else:
+            y = torch.randint(0, t.num_classes, (b, t.image_size, t.image_size), generator=g)
+            y[:, 0] = t.missing_value
+            batch[t.name] = y
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- encodings
+def test_temporal_encoding_spec_check_values():
+    dates = torch.tensor([[[2019, 100, 12], [2020, 10, 0]]], dtype=torch.int16)
+    ref = torch.tensor([[[2019, 182, 0]]], dtype=torch.int16)
+    e = enc.date_encoding(dates, ref, 32)
+    assert e.shape == (1, 2, 32) and e.dtype == torch.float32
+    assert torch.all(e[..., :24] == 0)
+    expected = [[-0.2245, 0.9889, -0.1489, 0.0, -1.0], [0.5291, 0.1712, 0.9852, 0.0, 1.0]]
+    for row, exp in zip(e[0, :, 24:], expected, strict=True):
+        assert torch.all(row[:4] == row[0])  # the diff repeated on 4 channels
+        # 4-decimal spec values; the float32 fractional-year diff is quantised at ~1.2e-4 (oracle pitfall 3)
+        assert torch.allclose(row[[0, 4, 5, 6, 7]], torch.tensor(exp), atol=2e-4)
+
+
+def test_grid_encoding_layout_and_block_average():
+    pe = enc.grid_encoding(6, 24)  # k = 4, w = 10000^(-i/3)
+    assert pe.shape == (6, 6, 24) and torch.all(pe[..., 16:] == 0)
+    w = [10000 ** (-i / 3) for i in range(4)]
+    row, col = 2, 5
+    exp = ([math.sin(col * x) for x in w] + [math.cos(col * x) for x in w] + [math.sin(row * x) for x in w]
+           + [math.cos(row * x) for x in w])
+    assert torch.allclose(pe[row, col, :16], torch.tensor(exp), atol=1e-6)
+    blocks = enc.block_average(pe, 3)
+    assert blocks.shape == (9, 24)
+    assert torch.allclose(blocks[1 * 3 + 2], pe[2:4, 4:6].reshape(-1, 24).mean(0), atol=1e-6)
+    assert enc.block_average(pe, 4).shape == (16, 24)  # 6 -> 4 does not divide: bilinear resize to 8 first
+    assert enc.fine_grid_size(96, [15, 3, 3], "lcm") == 15 and enc.fine_grid_size(96, [15, 3], "official") == 96
+
+
+def test_paper_lcm_grid_option():
+    model = tiny("treesatai-ts", "group", pos_grid="lcm")  # lcm(15, 3) = 15 instead of the official 96
+    fine = enc.grid_encoding(15, 24)
+    assert torch.equal(model.enc_pos_aerial[0, 0], fine.reshape(225, 24))
+    assert torch.allclose(model.enc_pos_s2[0, 0, 4], fine[5:10, 5:10].reshape(-1, 24).mean(0), atol=1e-6)
+    with pytest.raises(ModelError, match="pos_grid"):
+        tiny("treesatai-ts", "group", pos_grid="gcd")
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def test_structured_masks_follow_the_official_rules():
+    model = tiny("treesatai-ts", "group")
+    seqs = {s.name: s for s in model.sequences}
+    p = structured_probabilities(seqs["s1"], model.layouts, model.config.mask)
+    assert p["s1_asc"] == {"mod": 0.25, "bands": None, "dates": 0.25, "loc": 0.25}
+    p = structured_probabilities(seqs["aerial"], model.layouts, model.config.mask)
+    assert p["aerial"] == {"mod": None, "bands": None, "dates": None, "loc": 0.25}
+    mod = tiny("treesatai-ts", "mod")
+    s1 = next(s for s in mod.sequences if s.name == "s1_asc")
+    assert structured_probabilities(s1, mod.layouts, mod.config.mask)["s1_asc"]["mod"] is None
+    shared = tiny("treesatai-ts", "shared")
+    assert all(v is None for v in structured_probabilities(shared.sequences[1], shared.layouts,
+                                                           shared.config.mask)["s2"].values())
+
+
+@pytest.mark.parametrize("fusion", ["group", "shared", "mod"])
+def test_exact_masked_count_and_no_fully_masked_sequence(fusion):
+    model = tiny("treesatai-ts", fusion, multispectral="token")
+    final, struct = sample_masks(model.sequences, model.layouts, model.config.mask, 512,
+                                 torch.Generator().manual_seed(1))
+    for s in model.sequences:
+        n = num_masked(s, model.layouts, model.config.mask)
+        assert n == round(0.75 * s.length(model.layouts))
+        rows_f, rows_s = to_rows(final, s), to_rows(struct, s)
+        assert (rows_f.sum(dim=1) == n).all()
+        assert not rows_s.all(dim=1).any()
+        fits = rows_s.sum(dim=1) <= n
+        assert (rows_f[fits] | ~rows_s[fits]).all()  # every structured token stays masked when the count allows
+
+
+def test_trimming_official_keeps_lowest_indices_random_does_not():
+    struct = torch.zeros(200, 10, dtype=torch.bool)
+    struct[:, 2:9] = True  # 7 structured, 4 to keep
+    official = exact_count(struct, 4, "official", torch.Generator().manual_seed(0))
+    assert (official.nonzero()[:, 1].reshape(200, 4) == torch.tensor([2, 3, 4, 5])).all()
+    rand = exact_count(struct, 4, "random", torch.Generator().manual_seed(0))
+    assert (rand.sum(1) == 4).all() and not rand[:, [0, 1, 9]].any()
+    assert len({tuple(r.nonzero().flatten().tolist()) for r in rand}) > 10
+    with pytest.raises(ValueError, match="trim"):
+        exact_count(struct, 4, "sideways")
+
+
+def test_mask_tokens_land_on_their_own_modality_in_the_s1_group():
+    model = tiny("treesatai-ts", "group")
+    with torch.no_grad():
+        model.mask_token["s1_asc"].fill_(1.0)
+        model.mask_token["s1_des"].fill_(2.0)
+    rec: dict = {}
+    with torch.no_grad():
+        out = model(make_batch(model.manifest, 8), "pretrain", generator=torch.Generator().manual_seed(3), record=rec)
+    dec_in, mask = rec["dec_in_s1"], rec["mask_group_s1"]
+    n_asc = model.layouts["s1_asc"].pseudo_dates * model.layouts["s1_asc"].tokens
+    assert torch.equal(mask[:, :n_asc], out.mask["s1_asc"].flatten(1))
+    assert (dec_in[:, :n_asc][mask[:, :n_asc]] == 1.0).all() and (dec_in[:, n_asc:][mask[:, n_asc:]] == 2.0).all()
+    assert mask[:, :n_asc].any() and mask[:, n_asc:].any()
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def _hand_normalised(values: list[float]) -> list[float]:
+    mu, var = statistics.fmean(values), statistics.variance(values)  # unbiased, as torch.var
+    return [(v - mu) / math.sqrt(var + 1e-6) for v in values]
+
+
+def test_patch_group_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    target, pred = torch.rand((1, 1, 3, 2, 4), generator=g), torch.rand((1, 1, 3, 2, 4), generator=g)
+    mask = torch.tensor([[[False, True]]])  # 2 tokens of 2x2 px, the right one masked
+    spec = ReconSpec(patch=2, bands=(3,), norm_groups=(1, 2), weight=2.0)
+    errors = []
+    for chunk in ([0], [1, 2]):
+        xs = [target[0, 0, c, i, j].item() for i in range(2) for j in (2, 3) for c in chunk]
+        ps = [pred[0, 0, c, i, j].item() for i in range(2) for j in (2, 3) for c in chunk]
+        errors += [abs(a - b) for a, b in zip(_hand_normalised(xs), ps, strict=True)]
+    total, terms = reconstruction_loss({"m": target}, {"m": pred}, {"m": mask}, {"m": spec})
+    assert math.isclose(terms["m"].item(), statistics.fmean(errors), rel_tol=1e-5)
+    assert math.isclose(total.item(), terms["m"].item(), rel_tol=1e-6)
+    # paper weighting: each (token, group) counts once -> mean of the two chunk means
+    _, paper = reconstruction_loss({"m": target}, {"m": pred}, {"m": mask}, {"m": spec}, weighting="paper")
+    assert math.isclose(paper["m"].item(), (statistics.fmean(errors[:4]) + statistics.fmean(errors[4:])) / 2,
+                        rel_tol=1e-5)
+    # patch-wise: one normalisation over all 3 channels of the patch
+    xs = [target[0, 0, c, i, j].item() for i in range(2) for j in (2, 3) for c in range(3)]
+    ps = [pred[0, 0, c, i, j].item() for i in range(2) for j in (2, 3) for c in range(3)]
+    patch_errors = [abs(a - b) for a, b in zip(_hand_normalised(xs), ps, strict=True)]
+    _, patch = reconstruction_loss({"m": target}, {"m": pred}, {"m": mask}, {"m": spec}, norm="patch")
+    assert math.isclose(patch["m"].item(), statistics.fmean(patch_errors), rel_tol=1e-5)
+    raw, _ = reconstruction_loss({"m": target}, {"m": pred}, {"m": mask}, {"m": spec}, loss="l2")
+    assert math.isclose(raw.item(), ((target - pred)[..., 2:] ** 2).mean().item(), rel_tol=1e-5)
+
+
+def test_modalities_weighted_by_token_count():
+    g = torch.Generator().manual_seed(1)
+    data = {m: (torch.rand((1, 1, 1, 2, 2), generator=g), torch.rand((1, 1, 1, 2, 2), generator=g)) for m in "ab"}
+    masks = {m: torch.ones(1, 1, 1, dtype=torch.bool) for m in "ab"}
+    specs = {"a": ReconSpec(2, (1,), (1,), 1.0), "b": ReconSpec(2, (1,), (1,), 3.0)}
+    total, t = reconstruction_loss({m: v[0] for m, v in data.items()}, {m: v[1] for m, v in data.items()}, masks,
+                                   specs, loss="l1")
+    assert math.isclose(total.item(), (t["a"].item() + 3 * t["b"].item()) / 4, rel_tol=1e-6)
+
+
+def test_downstream_losses_skip_missing_values():
+    logits = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[:1], target[:1])
+    assert torch.isclose(multilabel_loss(logits, target), ref)
+    seg_logits = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    seg_target = torch.tensor([[[0, 19], [2, 19]]])
+    kept = torch.nn.functional.cross_entropy(seg_logits.permute(0, 2, 3, 1)[seg_target != 19], torch.tensor([0, 2]))
+    assert torch.isclose(segmentation_loss(seg_logits, seg_target, 19), kept)
+    assert segmentation_loss(seg_logits, torch.full((1, 2, 2), 19), 19).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize(("dataset", "fusion", "millions"), [
+    ("treesatai-ts", "group", 297.4), ("treesatai-ts", "inter-group", 254.9),
+    ("flair-hub", "group", 400.3), ("flair-hub", "inter-group", 336.5)])
+def test_maestro_b_parameter_counts(dataset, fusion, millions):
+    with torch.device("meta"):
+        model = build_model(dataset, "base", fusion)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+@pytest.mark.parametrize("multispectral", ["joint", "token"])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_mode_runs_pretrain_and_finetune(fusion, multispectral):
+    model = tiny("treesatai-ts", fusion, multispectral=multispectral)
+    batch = make_batch(model.manifest, 2)
+    with torch.no_grad():
+        out = model(batch, "pretrain", generator=torch.Generator().manual_seed(0))
+        logits = model(batch, "finetune")
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and set(out.losses) == set(model.manifest.modalities)
+    for m, s in model.manifest.modalities.items():
+        assert out.pixels[m].shape == batch[m].shape
+        assert out.mask[m].shape == (2, model.layouts[m].pseudo_dates, s.grid_size ** 2)
+    assert logits["treesat_mlc_thresh"].shape == (2, 15)
+
+
+def test_pretraining_gradients_reach_every_pretraining_part():
+    model = tiny("treesatai-ts", "inter-group", multispectral="token")
+    model(make_batch(model.manifest, 1), "pretrain", generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name in ("patch_embed", "encoder", "encoder_inter", "enc_to_dec", "decoder", "embed_to_rec", "mask_token"):
+        assert all(p.grad is not None for p in getattr(model, name).parameters()), name
+    assert all(p.grad is None for p in model.heads.parameters())
+
+
+@pytest.mark.parametrize(("fusion", "multispectral"), [("group", "joint"), ("shared", "token")])
+def test_segmentation_head_shapes_and_probe_freezes_the_encoder(fusion, multispectral):
+    model = tiny("pastis-hd", fusion, multispectral=multispectral)
+    batch = make_batch(model.manifest, 1)
+    logits = model(batch, "probe")["pastis_seg"]
+    assert logits.shape == (1, 19, 16, 16)
+    segmentation_loss(logits, batch["pastis_seg"], 19).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.heads.parameters())
+
+
+def test_integer_inputs_are_normalised_in_the_model():
+    model = tiny("treesatai-ts", "group")
+    batch = make_batch(model.manifest, 1)
+    raw = (batch["aerial"] * 255).round().to(torch.uint8)
+    as_float = {**batch, "aerial": raw.float() / 255}
+    with torch.no_grad():
+        a = model({**batch, "aerial": raw}, "finetune")["treesat_mlc_thresh"]
+        b = model(as_float, "finetune")["treesat_mlc_thresh"]
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def test_batch_contract_shapes():
+    shapes = expected_shapes(load_manifest("treesatai-ts"))
+    assert shapes["s2"] == (None, 16, 10, 6, 6) and shapes["s1_asc_dates"] == (None, 4, 3)
+    assert shapes["ref_date"] == (None, 1, 3) and shapes["treesat_mlc_thresh"] == (None, 15)
+    assert expected_shapes(load_manifest("pastis-hd"))["pastis_seg"] == (None, 16, 16)
+
+
+def test_bad_batches_name_the_modality_and_expectation():
+    model = tiny("treesatai-ts", "group")
+    batch = make_batch(model.manifest, 2)
+    with pytest.raises(BatchError, match=r"'s1_des'.*\[B, 4, 2, 6, 6\]"):
+        model({k: v for k, v in batch.items() if k != "s1_des"}, "finetune")
+    with pytest.raises(BatchError, match=r"'s2'.*\[2, 16, 10, 6, 6\]"):
+        model({**batch, "s2": batch["s2"][:, :8]}, "finetune")
+    with pytest.raises(BatchError, match=r"'aerial'.*float64.*float32 or uint8"):
+        model({**batch, "aerial": batch["aerial"].double()}, "finetune")
+    with pytest.raises(BatchError, match=r"'s2_dates'.*int16"):
+        model({**batch, "s2_dates": batch["s2_dates"].long()}, "finetune")
+    with pytest.raises(BatchError, match="treesat_mlc_thresh"):
+        check_batch(model.manifest, {k: v for k, v in batch.items() if k != "treesat_mlc_thresh"}, targets=True)
+    with pytest.raises(ModelError, match="phase"):
+        model(batch, "train")
+    bad_mask = {m: torch.zeros(2, model.layouts[m].pseudo_dates, model.layouts[m].tokens, dtype=torch.bool)
+                for m in model.layouts}
+    bad_mask["aerial"][0, 0, :3] = True
+    with pytest.raises(BatchError, match="aerial"):
+        model(batch, "pretrain", mask=bad_mask)
+
+
+def test_nan_fails_fast_in_debug_mode_only():
+    model = tiny("treesatai-ts", "group", debug_checks=True)
+    batch = make_batch(model.manifest, 1)
+    batch["s1_asc"][0, 1, 0, 2, 3] = float("nan")
+    with pytest.raises(BatchError, match=r"\['s1_asc'\] contains NaN"):
+        model(batch, "pretrain")
+    lenient = tiny("treesatai-ts", "group")  # default: shape checks only, no device sync per step
+    assert torch.isnan(lenient(batch, "pretrain", generator=torch.Generator().manual_seed(0)).loss)
+
+
+def test_bad_configurations_are_rejected():
+    with pytest.raises(ModelError, match="size"):
+        build_model("treesatai-ts", "huge")
+    with pytest.raises(ModelError, match="fusion"):
+        build_model("treesatai-ts", "tiny", "early")
+    with pytest.raises(ModelError, match="unknown model option 'dropout'"):
+        build_model("treesatai-ts", "tiny", dropout=0.1)
+    with pytest.raises(ModelError, match="inter_depth"):
+        build_model("treesatai-ts", "tiny", "shared", inter_depth=2)
+    with pytest.raises(ModelError, match="loss"):
+        build_model("treesatai-ts", "tiny", "group", loss="huber")
+
+
+def test_segmentation_grid_must_divide_the_target():
+    target = "missing_value = 19\nresolution_m = "
+    bad = load_manifest("pastis-hd").text.replace(target + "10.0", target + "32.0")
+    with pytest.raises(ManifestError, match="not divisible"):
+        parse_manifest(bad)
+    manifest = load_manifest("pastis-hd")
+    target = dataclasses.replace(manifest.targets["pastis_seg"], image_size=12)
+    broken = dataclasses.replace(manifest, targets={"pastis_seg": target})
+    with pytest.raises(ModelError, match=r"12 px is not divisible by the reference \(s2\) token grid 8"):
+        build_model(broken, "tiny", "group", **TINY)
+
+
+def test_mask_config_defaults_are_official():
+    assert MaskConfig() == MaskConfig(ratio=0.75, scale=0.0, p_mod=0.25, p_bands=None, p_dates=0.25, p_loc=0.25,
+                                      trim="official")
