@@ -15,6 +15,7 @@ import rasterio
 from pyproj import Transformer
 
 from maestro_data.errors import SourceError
+from maestro_data.geo import polygon_centroid
 from maestro_data.manifest import load_manifest, parse_manifest
 from maestro_data.sources import SourceOptions, open_source
 from maestro_data.sources.pastis_hd import (
@@ -22,7 +23,6 @@ from maestro_data.sources.pastis_hd import (
     dates_property,
     fold_assignment,
     parse_dates_property,
-    polygon_centroid,
 )
 from maestro_data.synthetic import generate
 from maestro_data.tile import TileRef

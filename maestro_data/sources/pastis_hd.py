@@ -15,17 +15,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
-from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
 from maestro_data.dates import dates_array
 from maestro_data.errors import SourceError
+from maestro_data.geo import polygon_centroid, to_lonlat
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.sources.base import (
     Source,
@@ -106,47 +105,6 @@ def fold_assignment(options: Mapping[str, Any], fold: int, names: Sequence[str] 
     if not 1 <= fold <= n:
         raise ValueError(f"fold {fold} is not one of 1..{n}")
     return {(f - 1 + fold - 1) % n + 1: split for f, split in base.items()}
-
-
-def polygon_centroid(geometry: Any) -> tuple[float, float]:
-    """Area centroid (shoelace formula) of a GeoJSON Polygon/MultiPolygon, holes subtracted, in its own CRS.
-
-    Coordinates are shifted to the first vertex first so Lambert-93 magnitudes (~1e6 m) lose no precision.
-    Raises ValueError for other geometry types or a zero-area polygon.
-    """
-    if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
-        kind = geometry.get("type") if isinstance(geometry, dict) else type(geometry).__name__
-        raise ValueError(f"expected a Polygon or MultiPolygon geometry, got {kind!r}")
-    coords = geometry.get("coordinates")
-    polygons = [coords] if geometry["type"] == "Polygon" else coords
-    try:
-        rings = [(np.asarray(ring, dtype=np.float64)[:, :2], r == 0) for poly in polygons
-                 for r, ring in enumerate(poly)]
-    except (TypeError, ValueError, IndexError):
-        raise ValueError("coordinates are not lists of [x, y] positions") from None
-    if not rings or any(ring.ndim != 2 or len(ring) < 3 for ring, _ in rings):
-        raise ValueError("a polygon ring has fewer than 3 positions")
-    x0, y0 = rings[0][0][0]
-    area = cx = cy = 0.0
-    for ring, exterior in rings:
-        x, y = ring[:, 0] - x0, ring[:, 1] - y0
-        xn, yn = np.roll(x, -1), np.roll(y, -1)
-        cross = x * yn - xn * y
-        a = cross.sum() / 2
-        sign = 1.0 if exterior else -1.0  # ring orientation is not reliable in the wild: use |area|
-        w = sign * abs(a)
-        if a != 0:
-            cx += w * ((x + xn) * cross).sum() / (6 * a)
-            cy += w * ((y + yn) * cross).sum() / (6 * a)
-        area += w
-    if not area > 0 or not math.isfinite(area):
-        raise ValueError("polygon has zero area")
-    return x0 + cx / area, y0 + cy / area
-
-
-@lru_cache(maxsize=8)
-def _to_lonlat(crs: str) -> Transformer:
-    return Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True)
 
 
 def _as_int(value: Any) -> int | None:
@@ -396,7 +354,7 @@ class PastisHDSource(Source):
         except ValueError as exc:
             raise SourceError(f"geometry of feature {patch.feature}: {exc}", tile_id=tile_id, path=meta) from None
         try:
-            lon, lat = _to_lonlat(self._crs).transform(x, y)
+            lon, lat = to_lonlat(x, y, self._crs)
         except CRSError as exc:
             raise SourceError(f"CRS {self._crs!r} is not understood: {exc}", tile_id=tile_id, path=meta) from None
         if not (math.isfinite(lon) and math.isfinite(lat)):

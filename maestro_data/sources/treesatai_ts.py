@@ -14,18 +14,17 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import h5py
 import numpy as np
 import rasterio
-from pyproj import CRS, Transformer
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from maestro_data.dates import dates_array, parse_date
 from maestro_data.errors import ManifestError, SourceError
+from maestro_data.geo import bounds_centre_lonlat
 from maestro_data.manifest import Manifest, ModalitySpec
 from maestro_data.sources.base import (
     Source,
@@ -80,14 +79,8 @@ def _plan(spec: ModalitySpec, origin: str) -> _Plan:
     return _Plan(spec, pattern, dataset, f"{stem}-products", token, mask)
 
 
-@lru_cache(maxsize=16)
-def _transformer(crs_wkt: str) -> Transformer:
-    return Transformer.from_crs(CRS.from_wkt(crs_wkt), "EPSG:4326", always_xy=True)
-
-
 def _centre_lonlat(src: rasterio.DatasetReader) -> tuple[float, float]:
-    b = src.bounds
-    return _transformer(src.crs.to_wkt()).transform((b.left + b.right) / 2, (b.bottom + b.top) / 2)
+    return bounds_centre_lonlat(src.bounds, src.crs.to_wkt())
 
 
 class TreeSatAITSSource(Source):
