@@ -1,0 +1,66 @@
+"""Subsets stored in the tile store: FPS per split, nested tiers, and MAESTRO's published CSVs imported instead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.errors import StoreError
+from maestro_data.manifest import load_manifest
+from maestro_data.store import TileStore
+from maestro_data.subsets import fps_subsets, subset_count
+
+MANIFEST = load_manifest("treesatai-ts")
+
+
+@pytest.fixture
+def store_path(tmp_path, memory_source):
+    memory_source.update(n=60)
+    (tmp_path / "raw").mkdir()
+    build_store(MANIFEST, tmp_path / "raw", tmp_path / "out", BuildOptions(quiet=True, block_tiles=16))
+    return tmp_path / "out"
+
+
+def test_fps_subsets_are_stored_per_split_and_nested(store_path):
+    counts = compute_subsets(store_path, (5, 20))
+    store = TileStore(store_path)
+    for split in ("train", "val", "test"):
+        idx = store.split_indices(split)
+        n = len(idx)
+        assert counts[split] == {5: subset_count(n, 5), 20: subset_count(n, 20)}
+        order, stored = store.subsets(split)
+        assert stored == counts[split] and len(order) == counts[split][20]
+        expected = fps_subsets([store.tile_ids[i] for i in idx], store.lon[idx], store.lat[idx], (5, 20))
+        assert [store.tile_ids[i] for i in order] == expected[20]
+        tiers = dict(store.tiers(split))
+        assert sorted(np.concatenate(list(tiers.values())).tolist()) == sorted(idx.tolist())
+        assert len(tiers["5"]) == counts[split][5]
+    assert TileStore(store_path).attrs["complete"]
+
+
+def _write_csv(path, ids):
+    path.write_text("aerial_name,sen_name,aerial_date\n" + "".join(f"{t}.tif,{t}_2019.h5,20190701\n" for t in ids))
+
+
+def test_published_split_csvs_are_imported(store_path, tmp_path):
+    store = TileStore(store_path)
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    chosen = {}
+    for split in ("train", "val", "test"):
+        ids = [store.tile_ids[i] for i in store.split_indices(split)]
+        chosen[split] = ids
+        _write_csv(csv_dir / f"{split}_filtered_20.csv", ids[-4:])
+        _write_csv(csv_dir / f"{split}_filtered_5.csv", ids[-2:])
+    counts = compute_subsets(store_path, (5, 20), splits_from=csv_dir)
+    assert counts["train"] == {5: 2, 20: 4}
+    order, _ = TileStore(store_path).subsets("train")
+    assert [store.tile_ids[i] for i in order[:2]] == chosen["train"][-2:]
+    assert set(store.tile_ids[i] for i in order) == set(chosen["train"][-4:])
+    _write_csv(csv_dir / "train_filtered_5.csv", chosen["train"][:1])
+    with pytest.raises(StoreError, match="train: the 20 % subset does not contain the smaller subsets"):
+        compute_subsets(store_path, (5, 20), splits_from=csv_dir)
+    _write_csv(csv_dir / "train_filtered_5.csv", ["no-such-tile"])
+    with pytest.raises(StoreError, match="train_filtered_5.csv: 1 tile ids are not in the store"):
+        compute_subsets(store_path, (5, 20), splits_from=csv_dir)
