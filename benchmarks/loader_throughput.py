@@ -1,0 +1,191 @@
+"""Loader throughput on FLAIR-HUB-shaped tiles at real sizes, three readers side by side in ONE run on ONE core.
+
+(a) official-style: per sample, rasterio reads of every modality GeoTIFF, the S2 cloud mask and the label, time-major
+    reshape, temporal selection, band selection, float32 / log / norm, D4 copies and label mapping, as IGNF/MAESTRO's
+    ``__getitem__`` does (its crop window is the whole 102.4 m tile for FLAIR-HUB);
+(b) our stream (``make_loader``, num_workers=0), with integer modalities normalised on the device (default) or on
+    the host;
+(c) a plain sequential read of the shard bytes (the I/O floor).
+Train and eval modes. Tiles: aerial 4x512² uint8, DEM 2x512² float32, COSIA 512² uint8, S2 T~50 x 10 x 10² uint16
++ 2-band mask, S1 asc/desc T~70 x 2 x 10² float32. Targets (issue 4): stream >= 400 samples/s/core, >= 20x (a),
+<= 1.5 GB RSS per worker.
+
+    python benchmarks/loader_throughput.py [--tiles 64] [--seconds 3] [--workdir DIR]
+
+Rates are samples per CPU-second of the (single-core-pinned) process, i.e. per core, which stays meaningful when
+other jobs share the machine; the wall-clock rates are printed beside them (``*_wall``).
+
+The LAST line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from maestro_data.augment import d4_apply, random_d4
+from maestro_data.build import BuildOptions, build_store
+from maestro_data.manifest import load_manifest
+from maestro_data.shards import ShardOptions, write_shards
+from maestro_data.sources.flair import split_patch_id
+from maestro_data.store import TileStore
+from maestro_data.stream import StreamConfig, make_loader
+from maestro_data.synthetic.flair import generate
+from maestro_data.temporal import apply_selection, normalise, select_steps
+
+MANIFEST = load_manifest("flair-hub")
+
+
+class Clock:
+    """Samples per CPU-second of this process (the per-core rate, robust on a shared machine) and per wall second."""
+
+    def __init__(self) -> None:
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.wall
+
+    def rates(self, n: int) -> tuple[float, float]:
+        return n / (time.process_time() - self.cpu), n / (time.perf_counter() - self.wall)
+
+
+def prepare(work: Path, tiles: int) -> tuple[Path, Path]:
+    """Raw FLAIR-HUB layout -> store -> shards (in a child process, so its memory is not counted below)."""
+    out, shards = work / "out", work / "shards"
+    raw = Path((work / "raw_root.txt").read_text()) if (work / "raw_root.txt").is_file() else None
+    if raw is None or not (shards / "index.json").is_file():
+        raw = generate(work / "raw", tiles=tiles, t_s2=50, t_s1=70, spot=False)
+        (work / "raw_root.txt").write_text(str(raw))
+        build_store(MANIFEST, raw, out, BuildOptions(workers=2, quiet=True, overwrite=True))
+        write_shards(out, shards, ShardOptions(quiet=True))
+    return raw, out
+
+
+def official_style(raw: Path, store: TileStore, mode: str, seconds: float) -> tuple[float, float]:
+    """(a) samples/s of a per-sample raw-file reader in the official style (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    dates = {m: [store.read_series(i, m).dates for i in range(len(store))] for m in MANIFEST.modalities}
+    n, clock = 0, Clock()
+    while clock.elapsed() < seconds:
+        i = n % len(store)
+        keys = split_patch_id(store.tile_ids[i], str(raw))
+        k = random_d4(rng)
+        out = {}
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+            for m, spec in MANIFEST.modalities.items():
+                size = spec.tile_size
+                window = Window(0, 0, size, size)
+                with rasterio.open(raw / spec.source.format(**keys)) as src:
+                    data = src.read(window=window).reshape(-1, spec.stored_channels, size, size)
+                mask = None
+                if spec.cloud_mask is not None:
+                    with rasterio.open(raw / spec.cloud_mask.source.format(**keys)) as src:
+                        mask = src.read(window=window).reshape(-1, len(spec.cloud_mask.bands), size, size)
+                t, d = data.shape[0], spec.temporal_bins
+                idx = select_steps(data, d, mask=mask, threshold=spec.cloud_mask.threshold if mask is not None else 0,
+                                   mode=mode, rng=rng if mode == "train" else None) if t != d else np.arange(t)
+                x, _ = apply_selection(data, dates[m][i], idx)
+                x = normalise(x[:, list(spec.select)], spec.log_scale, spec.norm_factor)
+                out[m] = np.ascontiguousarray(d4_apply(x, k))  # the official flips/transposes copy
+            for name, t in MANIFEST.targets.items():
+                with rasterio.open(raw / t.source.format(**keys)) as src:
+                    labels = src.read(1).astype(np.int64)
+                labels[np.isin(labels, t.ignore)] = t.missing_value
+                out[name] = np.ascontiguousarray(d4_apply(labels, k))
+        n += 1
+    return clock.rates(n)
+
+
+def stream_rate(shards: Path, split: str, mode: str, seconds: float, on_device: bool) -> tuple[float, float, int]:
+    """(b) samples/s of our loader (one process, num_workers=0) and its batch count per epoch."""
+    loader = make_loader(StreamConfig(str(shards), split, mode=mode, batch_size=8, normalize_on_device=on_device),
+                         MANIFEST)
+    for _ in loader:  # warm-up epoch: the one-off header scan of every shard
+        pass
+    n, epoch, clock = 0, 1, Clock()
+    while clock.elapsed() < seconds:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            n += int(batch["valid"].sum())
+        epoch += 1
+    return (*clock.rates(n), len(loader))
+
+
+def raw_read_rate(shards: Path, seconds: float) -> tuple[float, float]:
+    """(c) samples/s of reading every shard's bytes in order (1 MiB reads, no parsing)."""
+    index = json.loads((shards / "index.json").read_text())
+    entries = [e for s in index["splits"].values() for t in s["tiers"].values() for e in t]
+    n, clock = 0, Clock()
+    while clock.elapsed() < seconds:
+        for e in entries:
+            with open(shards / e["url"], "rb") as f:
+                while f.read(1 << 20):
+                    pass
+            n += e["samples"]
+    return clock.rates(n)
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per measurement")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="loader_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        raw, out = pool.submit(prepare, work, args.tiles).result()
+    shards = work / "shards"
+    torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for every measurement
+    res: dict = {"tiles": args.tiles, "batch_size": 8, "cores": 1, "rates": "samples per CPU-second (wall in *_wall)"}
+    # the stream first: the peak RSS then covers imports + the stream only (train mode, default settings)
+    for name, split, mode, on_device in (("train", "pretrain", "train", True), ("eval", "test", "eval", True),
+                                         ("train_host_norm", "pretrain", "train", False),
+                                         ("eval_host_norm", "test", "eval", False)):
+        cpu, wall, batches = stream_rate(shards, split, mode, args.seconds, on_device)
+        res[f"stream_{name}_samples_per_s"], res[f"stream_{name}_samples_per_s_wall"] = cpu, wall
+        if name == "train":
+            res["rss_mb_per_worker"] = round(peak_rss_mb(), 1)
+            res["train_batches_per_epoch"] = batches
+    store = TileStore(out)
+    for mode in ("train", "eval"):
+        res[f"official_style_{mode}_samples_per_s"], res[f"official_style_{mode}_samples_per_s_wall"] = \
+            official_style(raw, store, mode, args.seconds)
+    res["raw_read_samples_per_s"], res["raw_read_samples_per_s_wall"] = raw_read_rate(shards, args.seconds)
+    res["shard_mb_per_sample"] = round(sum(p.stat().st_size for p in shards.rglob("*.tar")) / 2**20 / args.tiles, 2)
+    res["official_style_samples_per_s"] = res["official_style_train_samples_per_s"]
+    res["stream_samples_per_s"] = res["stream_train_samples_per_s"]
+    res["ratio_vs_official"] = res["stream_samples_per_s"] / res["official_style_samples_per_s"]
+    res["ratio_vs_official_eval"] = res["stream_eval_samples_per_s"] / res["official_style_eval_samples_per_s"]
+    res["ratio_vs_official_wall"] = (res["stream_train_samples_per_s_wall"]
+                                     / res["official_style_train_samples_per_s_wall"])
+    res = {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
+    for k, v in res.items():
+        print(f"{k:42s} {v}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
