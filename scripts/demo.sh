@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: from nothing, generate a small dataset in its REAL published layout, build the zarr tile store,
-# its furthest-point-sampled subsets and WebDataset shards, then inspect and verify them.
+# its furthest-point-sampled subsets and WebDataset shards, inspect and verify them, then pretrain -> probe ->
+# finetune a tiny model on CPU with `accelerate launch` and print its metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,4 +16,8 @@ maestro-data build flair-hub --src "$OUT/raw/flair-hub" --out "$OUT/flair-hub" -
 maestro-data info "$OUT/flair-hub/store.zarr"
 maestro-data info "$OUT/flair-hub/shards"
 maestro-data verify "$OUT/flair-hub/shards" --full
-echo "demo outputs are in $OUT/"
+# Training: a tiny MAESTRO pretrained, probed and fine-tuned on the TreeSatAI-TS shards, on CPU, with Accelerate.
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  -m maestro_model.train run --config configs/demo.toml --index "$OUT/treesatai-ts/shards" --output-dir "$OUT/train" \
+  --cpu
+echo "demo outputs are in $OUT/ (training run: $OUT/train/)"

@@ -1,0 +1,225 @@
+"""End-to-end trainer: 2-process CPU run, kill-and-resume equality, bad inputs, learning sanity.
+
+Shards come from the synthetic real-layout TreeSatAI-TS (and, for learning, its variant whose labels follow the
+S2 temporal pattern); the model is the tiny demo configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.errors import ShardError
+from maestro_data.manifest import load_manifest
+from maestro_data.shards import ShardOptions, write_shards
+from maestro_data.synthetic import generate, temporal_labels
+from maestro_model import train_loop
+from maestro_model.checkpoints import load_model
+from maestro_model.config import load_config
+from maestro_model.model import build_model
+from maestro_model.train import Trainer, TrainError, train
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.toml"
+PY = sys.executable
+
+
+def _build(src: Path, out: Path, manifest) -> Path:
+    build_store(manifest, src, out, BuildOptions(quiet=True))
+    compute_subsets(out)
+    write_shards(out, out / "shards", ShardOptions(quiet=True))
+    return out / "shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """20 tiles: 12 train, 4 val, 4 test."""
+    tmp = tmp_path_factory.mktemp("treesat")
+    return _build(generate("treesatai-ts", tmp / "raw", tiles=20, seed=1), tmp / "built", load_manifest("treesatai-ts"))
+
+
+def _overrides(shards: Path, out: Path, **extra) -> dict:
+    return {"data.index": str(shards), "train.output_dir": str(out), "train.quiet": True, "data.num_workers": 0,
+            **extra}
+
+
+def _cli_args(shards: Path, out: Path, *sets: str) -> list[str]:
+    args = ["run", "--config", str(DEMO), "--index", str(shards), "--output-dir", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+def test_two_process_run_identical_weights_and_exact_coverage(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "maestro_model.train",
+           *_cli_args(shards, out, "train.trace=true", "pretrain.epochs=1", "probe.epochs=1", "finetune.epochs=1",
+                      "pretrain.batch_size=2", "probe.batch_size=2", "finetune.batch_size=2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finetune_treesat_mlc_thresh/weighted_f1_test" in proc.stdout
+    split_tiles = {"pretrain": 16, "probe": 12, "finetune": 12}
+    for phase, count in split_tiles.items():
+        ranks = [_jsonl(out / "trace" / f"{phase}-rank{r}.jsonl") for r in (0, 1)]
+        ends = [r[-1] for r in ranks]
+        assert [e["world_size"] for e in ends] == [2, 2]  # two real gloo ranks, not one process
+        assert ends[0]["weights_sha256"] == ends[1]["weights_sha256"]
+        tiles = [t for r in ranks for rec in r if "tiles" in rec for t in rec["tiles"]]
+        assert len(tiles) == len(set(tiles)) == count  # every tile once per epoch across ranks
+    for phase in ("probe", "finetune"):
+        metrics = json.loads((out / phase / "metrics.json").read_text())
+        assert metrics["test"]["samples_test"] == 4  # each test sample counted exactly once over both ranks
+        assert metrics["history"][-1]["samples_val"] == 4
+    model = load_model(out / "finetune" / "model.safetensors")
+    assert model.config.embed_dim == 24 and (out / "finetune" / "model-ema.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.fixture(scope="module")
+def resumed(shards, tmp_path_factory) -> dict:
+    """An uninterrupted run and one killed after 7 optimizer steps (last checkpoint mid-epoch at step 6), resumed."""
+    tmp = tmp_path_factory.mktemp("resume")
+    sets = {"pretrain.epochs": 2, "probe.epochs": 0, "finetune.epochs": 1, "train.checkpoint_every": 3,
+            "train.trace": True, "pretrain.batch_size": 4, "finetune.batch_size": 4}  # 4 + 4 + 3 steps
+    full, killed = tmp / "full", tmp / "killed"
+    train(load_config(DEMO, _overrides(shards, full, **sets)))
+    cmd = [PY, "-m", "maestro_model.train", *_cli_args(shards, killed, *(f"{k}={str(v).lower()}"
+                                                                            for k, v in sets.items()),
+                                                        "train.exit_after_steps=7")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == train_loop.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert (killed / "checkpoints" / "latest").read_text() == "pretrain-e0001-b000002"
+    train(load_config(DEMO, _overrides(shards, killed, **sets, **{"train.resume": "auto"})))
+    return {"full": full, "killed": killed, "sets": sets, "shards": shards}
+
+
+def _last_per_key(records: list[dict], key) -> dict:
+    return {key(r): r for r in records}
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(resumed):
+    full, killed = resumed["full"], resumed["killed"]
+    steps = lambda d: _last_per_key(_jsonl(d / "steps.jsonl"), lambda r: (r["phase"], r["step"]))  # noqa: E731
+    a, b = steps(full), steps(killed)
+    assert list(a) == list(b) and len(a) == 8 + 3
+    assert all(a[k]["lr"] == b[k]["lr"] for k in a)
+    # same losses; CPU BLAS may differ in the last bit between processes, nothing more
+    assert [b[k]["loss"] for k in a] == pytest.approx([a[k]["loss"] for k in a], rel=1e-5, abs=1e-7)
+    trace = lambda d, p: _last_per_key([r for r in _jsonl(d / "trace" / f"{p}-rank0.jsonl") if "tiles" in r],  # noqa: E731
+                                       lambda r: (r["epoch"], r["batch"]))
+    for phase in ("pretrain", "finetune"):
+        ta, tb = trace(full, phase), trace(killed, phase)
+        assert {k: v["tiles"] for k, v in ta.items()} == {k: v["tiles"] for k, v in tb.items()}
+        for epoch in {k[0] for k in ta}:  # no tile repeated or skipped within an epoch
+            tiles = [t for k, v in tb.items() if k[0] == epoch for t in v["tiles"]]
+            assert len(tiles) == len(set(tiles))
+    wa, wb = load_file(full / "finetune" / "model.safetensors"), load_file(killed / "finetune" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+    ma = json.loads((full / "finetune" / "metrics.json").read_text())["test"]
+    mb = json.loads((killed / "finetune" / "metrics.json").read_text())["test"]
+    assert ma.keys() == mb.keys() and all(mb[k] == pytest.approx(ma[k], rel=1e-4, nan_ok=True) for k in ma)
+
+
+def test_resume_from_another_configuration_is_refused(resumed):
+    sets = {**resumed["sets"], "train.seed": 7, "train.resume": "auto"}
+    with pytest.raises(TrainError, match=r"another configuration \(train\.seed: checkpoint 42 vs run 7\)"):
+        Trainer(load_config(DEMO, _overrides(resumed["shards"], resumed["killed"], **sets))).run()
+
+
+def test_probe_starts_from_the_pretrain_export(resumed):
+    cfg = load_config(DEMO, _overrides(resumed["shards"], resumed["full"], **{"probe.epochs": 1}))
+    tr = Trainer(cfg, ("probe",))
+    saved = load_file(resumed["full"] / "pretrain" / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in tr.raw.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def test_shards_of_another_manifest_are_refused(shards, tmp_path):
+    cfg = load_config(DEMO, _overrides(shards, tmp_path, **{"data.manifest": "flair-hub"}))
+    with pytest.raises(ShardError, match="built from manifest 'treesatai-ts'"):
+        Trainer(cfg)
+
+
+def test_eval_batch_larger_than_a_rank_share_is_refused(shards, tmp_path):
+    cfg = load_config(DEMO, _overrides(shards, tmp_path, **{"finetune.batch_size": 5, "finetune.epochs": 1}))
+    with pytest.raises(TrainError, match=r"val: batch size 5 per device exceeds .*4 samples / 1 processes"):
+        train(cfg, ("finetune",))
+
+
+def test_nan_loss_names_step_tiles_and_modality(shards, tmp_path, monkeypatch):
+    real = train_loop.model_inputs
+    calls = []
+
+    def poisoned(batch, manifest, device, keep=None):
+        inputs = real(batch, manifest, device, keep)
+        calls.append(1)
+        if keep is None and len(calls) == 2:  # the second training batch
+            inputs["s2"] = inputs["s2"].clone()
+            inputs["s2"][0, 3] = float("nan")
+        return inputs
+
+    monkeypatch.setattr(train_loop, "model_inputs", poisoned)
+    cfg = load_config(DEMO, _overrides(shards, tmp_path, **{"pretrain.epochs": 1}))
+    with pytest.raises(TrainError, match=r"pretrain epoch 0 optimizer step 1 .*non-finite.*modality s2.*tiles \['"):
+        train(cfg, ("pretrain",))
+
+
+def test_cli_unknown_key_lists_valid_keys_and_exits_nonzero(tmp_path):
+    from maestro_cli.train import main
+
+    result = CliRunner().invoke(main, ["probe", "--config", str(DEMO), "--set", "probe.epoch=3"])
+    assert result.exit_code != 0
+    assert "unknown key probe.epoch" in result.output and "epochs, base_lr, batch_size" in result.output
+
+
+def test_finetune_from_an_official_lightning_checkpoint(shards, tmp_path):
+    cfg = load_config(DEMO, _overrides(shards, tmp_path / "out", **{"finetune.epochs": 1}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        donor = build_model(load_manifest("treesatai-ts"), "tiny", "inter-group", inter_depth=1,
+                            **cfg.model.options)
+    state = {f"{p}.{k}": v for p in ("model", "ema_model") for k, v in donor.state_dict().items()}
+    ckpt = tmp_path / "official.ckpt"
+    torch.save({"state_dict": state, "epoch": 99}, ckpt)
+    tr = Trainer(load_config(DEMO, _overrides(shards, tmp_path / "out", **{"finetune.epochs": 1,
+                                                                            "train.init": str(ckpt)})), ("finetune",))
+    assert all(torch.equal(v, donor.state_dict()[k]) for k, v in tr.raw.state_dict().items())
+    assert all(torch.equal(tr.ema.shadow[k], v) for k, v in donor.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------ learning
+def test_finetuning_after_pretraining_learns_the_s2_temporal_pattern(tmp_path):
+    manifest_path = tmp_path / "treesatai-ts-sentinel.toml"
+    manifest_path.write_text(temporal_labels.sentinel_only_manifest())
+    manifest = load_manifest(manifest_path)
+    root, _ = temporal_labels.generate(tmp_path / "raw", tiles=48, seed=0)
+    index = _build(root, tmp_path / "built", manifest)
+    sets = {"data.manifest": str(manifest_path), "pretrain.epochs": 2, "probe.epochs": 2, "finetune.epochs": 30,
+            "pretrain.batch_size": 4, "probe.batch_size": 4, "finetune.batch_size": 4, "pretrain.base_lr": 1e-3,
+            "finetune.base_lr": 3e-3, "pretrain.eval_every": 0, "probe.eval_every": 0,
+            "finetune.eval_every": 0, "train.checkpoint_every": 0}
+    result = train(load_config(DEMO, _overrides(index, tmp_path / "out", **sets)))
+    test = result["finetune"]["test"]
+    # one of two genera per tile, set by the date of the S2 green peak: predicting both scores 2/3, chance 1/2
+    assert test["finetune_treesat_mlc_thresh/weighted_f1_test"] >= 0.9, test
+    assert test["finetune_loss_pred/test"] < result["probe"]["test"]["probe_loss_pred/test"]
