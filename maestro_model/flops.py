@@ -322,10 +322,11 @@ def implementation_counts(
 ) -> dict[str, Any]:
     """Parameters and per-sample FLOPs (forward, or forward + backward) of our model, batch of 1.
 
-    ``device="meta"``: shapes only, fast even for large models; a phase with data-dependent operations (the
-    masking's boolean gathers) runs on the CPU under :class:`ShapesOnly` instead, uninitialised weights and no
-    arithmetic. ``device="cpu"``: a real forward pass of an initialised model. ``options`` go to ``build_model``
-    (e.g. width overrides).
+    ``device="meta"``: shapes only, fast even for large models (the masks are drawn on the CPU and the model
+    has static shapes); a phase the meta device cannot run (an operation whose output shape depends on the data)
+    falls back to the CPU under :class:`ShapesOnly`, uninitialised weights and no arithmetic. ``result["device"]``
+    says where each phase was counted. ``device="cpu"``: a real forward pass of an initialised model.
+    ``options`` go to ``build_model`` (e.g. width overrides).
     """
     with torch.device(device):
         model = build_model(manifest, size, fusion, multispectral=multispectral, inter_depth=inter_depth, **options)
@@ -335,15 +336,13 @@ def implementation_counts(
                               "flops": {}, "device": {}}
     cpu_model = None
     for phase in phases:
-        # the pretraining masks gather a data-dependent number of tokens, which the meta device cannot do
-        where = "cpu (shapes only)" if device == "meta" and phase == "pretrain" else device
-        if where == device:
-            try:
-                result["flops"][phase] = _count_on(model, manifest, phase, device, backward)
-            except (NotImplementedError, RuntimeError):
-                if device != "meta":
-                    raise
-                where = "cpu (shapes only)"
+        where = device
+        try:
+            result["flops"][phase] = _count_on(model, manifest, phase, device, backward)
+        except (NotImplementedError, RuntimeError):
+            if device != "meta":
+                raise
+            where = "cpu (shapes only)"
         if where != device:
             if cpu_model is None:
                 cpu_model = copy.deepcopy(model).to_empty(device="cpu")

@@ -58,9 +58,10 @@ def channel_mask(token_mask: torch.Tensor, bands: tuple[int, ...]) -> torch.Tens
     """Token mask ``[B, G*D, L]`` -> ``[B, D, L, 1, C]`` (each channel follows its token band group)."""
     b, gd, n = token_mask.shape
     g = len(bands)
-    idx = torch.repeat_interleave(torch.arange(g, device=token_mask.device),
-                                  torch.tensor(bands, device=token_mask.device))
-    return token_mask.reshape(b, g, gd // g, n)[:, idx].permute(0, 2, 3, 1).unsqueeze(3)
+    per_group = token_mask.reshape(b, g, gd // g, n)
+    # repeat each group's mask over its channels with static shapes (no index tensor to upload, no sync)
+    channels = torch.cat([per_group[:, i:i + 1].expand(-1, c, -1, -1) for i, c in enumerate(bands)], dim=1)
+    return channels.permute(0, 2, 3, 1).unsqueeze(3)
 
 
 def modality_error(target: torch.Tensor, pred: torch.Tensor, spec: ReconSpec, distance: str,
@@ -94,12 +95,15 @@ def reconstruction_loss(targets: dict[str, torch.Tensor], preds: dict[str, torch
         e = modality_error(targets[m], preds[m], spec, distance, norm)
         mask = channel_mask(masks[m], spec.bands)
         if weighting == "official":
-            terms[m] = e[mask.expand_as(e)].mean()
+            # masked mean without boolean indexing (static shapes: no host sync, runs on the meta device);
+            # torch.where, not a product, so that unmasked non-finite errors are ignored as before
+            full = mask.expand_as(e)
+            terms[m] = torch.where(full, e, 0).sum() / full.sum()
             continue
         groups = spec.norm_groups if norm == "patch-group" else spec.bands
         per_group = torch.stack([c.mean(dim=(-2, -1)) for c in e.split(list(groups), dim=-1)], dim=-1)
         group_mask = torch.stack([c[..., 0, 0] for c in mask.split(list(groups), dim=-1)], dim=-1)
-        s, n = per_group[group_mask].sum(), group_mask.sum()
+        s, n = torch.where(group_mask, per_group, 0).sum(), group_mask.sum()
         terms[m] = s / n
         pooled_sum.append(s)
         pooled_count.append(n)

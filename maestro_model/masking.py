@@ -163,6 +163,16 @@ def exact_count(structured: torch.Tensor, n_mask: int, trim: str = "official",
     return mask.to(structured.device)
 
 
+def visible_index(mask_rows: torch.Tensor, n_visible: int) -> torch.Tensor:
+    """Positions ``[N, n_visible]`` of the visible (False) tokens of mask rows ``[N, L]``, ascending in every row.
+
+    A stable sort of the 0/1 mask puts the visible tokens first in their original order, with a shape known in
+    advance: no boolean indexing, hence no host-device sync and no data-dependent shape (meta device, compile).
+    Every row must have exactly ``n_visible`` visible tokens (not checked here: checking would need a sync).
+    """
+    return torch.argsort(mask_rows.to(torch.uint8), dim=1, stable=True)[:, :n_visible]
+
+
 def sample_masks(sequences: list[Sequence], layouts: dict[str, TokenLayout], cfg: MaskConfig, batch: int,
                  generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -173,6 +183,7 @@ def sample_masks(sequences: list[Sequence], layouts: dict[str, TokenLayout], cfg
         rows = exact_count(to_rows(struct, seq), num_masked(seq, layouts, cfg), cfg.trim, generator)
         final.update(from_rows(rows, seq, layouts))
     if device is not None:
-        final = {m: v.to(device) for m, v in final.items()}
-        struct = {m: v.to(device) for m, v in struct.items()}
+        # the masks are fresh and never written again: an asynchronous upload needs no stream sync
+        final = {m: v.to(device, non_blocking=True) for m, v in final.items()}
+        struct = {m: v.to(device, non_blocking=True) for m, v in struct.items()}
     return final, struct

@@ -30,6 +30,7 @@ from maestro_model.masking import (
     num_masked,
     sample_masks,
     to_rows,
+    visible_index,
 )
 from maestro_model.tokenizer import Patchify, Pixelify
 from maestro_model.transformer import Transformer
@@ -290,8 +291,11 @@ class MaestroModel(nn.Module):
             feats = {m: f.detach() for m, f in feats.items()}
         return {t: head(feats, record, t) for t, head in self.heads.items()}
 
-    def _check_mask(self, mask: dict[str, torch.Tensor], size: int, device: torch.device) -> dict:
-        out = {}
+    def _check_mask(self, mask: dict[str, torch.Tensor], size: int,
+                    device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """A caller's fixed mask, validated (a host sync: fixed masks are for tests and the oracle) -> (masks on
+        ``device``, visible tokens per sequence)."""
+        out, visible = {}, {}
         for m, lay in self.layouts.items():
             want = (size, lay.pseudo_dates, lay.tokens)
             v = mask.get(m)
@@ -300,27 +304,29 @@ class MaestroModel(nn.Module):
                 raise BatchError(f"{self.manifest.name}: mask[{m!r}] must be bool {list(want)}, got {got}")
             out[m] = v.to(device)
         for s in self.sequences:
-            counts = to_rows(out, s).sum(dim=1)
-            if (counts != counts[0]).any():
-                raise BatchError(f"{self.manifest.name}: mask of sequence {s.name!r} masks {counts.tolist()} tokens "
+            counts = to_rows(out, s).sum(dim=1).tolist()
+            if len(set(counts)) > 1:
+                raise BatchError(f"{self.manifest.name}: mask of sequence {s.name!r} masks {counts} tokens "
                                  "per row; every row must mask the same number")
-        return out
+            visible[s.name] = s.length(self.layouts) - counts[0]
+        return out, visible
 
     def _pretrain(self, x: dict, tokens: dict, batch: dict, size: int, mask: dict | None,
                   generator: torch.Generator | None, record: dict | None) -> PretrainOutput:
         device = next(iter(tokens.values())).device
         if mask is None:
             masks, _ = sample_masks(self.sequences, self.layouts, self.config.mask, size, generator, device)
+            # every sampled row masks exactly round(r * L): the visible count is known without looking at the data
+            n_visible = {s.name: s.length(self.layouts) - num_masked(s, self.layouts, self.config.mask)
+                         for s in self.sequences}
         else:
-            masks = self._check_mask(mask, size, device)
+            masks, n_visible = self._check_mask(mask, size, device)
         mask_rows = {s.name: to_rows(masks, s) for s in self.sequences}
-        # visible tokens in ascending position order: a stable sort of the 0/1 mask puts them first (no host sync)
+        # static shapes throughout (gather/scatter of a fixed count): no host sync, runs on the meta device
         keep_idx, visible = {}, {}
         for s in self.sequences:
-            rows, m_rows = to_rows(tokens, s), mask_rows[s.name]
-            n_keep = (s.length(self.layouts) - num_masked(s, self.layouts, self.config.mask) if mask is None
-                      else int((~m_rows[0]).sum()))
-            keep_idx[s.name] = torch.argsort(m_rows.to(torch.uint8), dim=1, stable=True)[:, :n_keep, None]
+            rows = to_rows(tokens, s)
+            keep_idx[s.name] = visible_index(mask_rows[s.name], n_visible[s.name])[..., None]
             visible[s.name] = rows.gather(1, keep_idx[s.name].expand(-1, -1, rows.shape[-1]))
         group_out, enc_out = self.encode_rows(visible)
         cd = self.config.decoder_dim

@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from maestro_data.batch import BatchError, check_batch, expected_shapes
 from maestro_data.errors import ManifestError
@@ -22,6 +23,7 @@ from maestro_model.masking import (
     sample_masks,
     structured_probabilities,
     to_rows,
+    visible_index,
 )
 from maestro_model.model import FUSIONS, ModelError, build_model
 
@@ -147,6 +149,69 @@ def test_mask_tokens_land_on_their_own_modality_in_the_s1_group():
     assert torch.equal(mask[:, :n_asc], out.mask["s1_asc"].flatten(1))
     assert (dec_in[:, :n_asc][mask[:, :n_asc]] == 1.0).all() and (dec_in[:, n_asc:][mask[:, n_asc:]] == 2.0).all()
     assert mask[:, :n_asc].any() and mask[:, n_asc:].any()
+
+
+def test_visible_index_keeps_ascending_positions_with_a_static_shape():
+    mask = torch.rand(64, 30, generator=torch.Generator().manual_seed(0)).argsort(1) < 20  # 10 visible per row
+    idx = visible_index(mask, 10)
+    assert idx.shape == (64, 10)
+    for row, m in zip(idx, mask, strict=True):
+        assert row.tolist() == torch.arange(30)[~m].tolist()  # the boolean-indexing reference
+
+
+# ---------------------------------------------------------------------------------------------- static shapes
+DATA_DEPENDENT = {"nonzero", "masked_select", "masked_scatter", "_local_scalar_dense", "bool_index",
+                  "unsized_repeat_interleave"}
+
+
+class _OpLog(TorchDispatchMode):
+    """Names of the aten ops run on ``device`` tensors; boolean-mask indexing and repeat_interleave without an
+    output size (both data-dependent shapes) get names of their own."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device, self.ops = torch.device(device), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device == self.device for t in leaves):
+            name = func.overloadpacket.__name__
+            if name in ("index", "index_put", "_index_put_impl_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                name = "bool_index"
+            elif name == "repeat_interleave" and kwargs.get("output_size") is None:
+                name = "unsized_repeat_interleave"
+            self.ops.append(name)
+        return func(*args, **kwargs)
+
+
+def _stub_loss(targets, preds, masks, specs, **kwargs):
+    """Stands in for reconstruction_loss so the test isolates the masking, encoder and decoder path."""
+    terms = {m: p.mean() for m, p in preds.items()}
+    return sum(terms.values()), terms
+
+
+@pytest.mark.parametrize("loss", [
+    "stubbed",
+    "real",
+])
+def test_pretrain_forward_has_static_shapes_and_runs_on_meta(loss, monkeypatch):
+    if loss == "stubbed":
+        monkeypatch.setattr("maestro_model.model.reconstruction_loss", _stub_loss)
+    with torch.device("meta"):
+        model = tiny("treesatai-ts", "inter-group", multispectral="token")
+    batch = {k: v.to("meta") for k, v in make_batch(model.manifest, 2).items()}
+    log = _OpLog("meta")  # the masks are drawn on the CPU generator's device; everything else runs on meta
+    try:
+        with log:
+            out = model(batch, "pretrain", generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, NotImplementedError) as exc:  # the meta device refuses data-dependent shapes
+        raise AssertionError(f"pretrain forward fails on meta at aten.{log.ops[-1]}: {exc}") from exc
+    assert not DATA_DEPENDENT & set(log.ops), sorted(DATA_DEPENDENT & set(log.ops))
+    assert {"gather", "scatter"} <= set(log.ops)
+    assert out.loss.shape == () and out.loss.device.type == "meta"
+    assert all(out.pixels[m].shape == batch[m].shape for m in model.manifest.modalities)
 
 
 # ---------------------------------------------------------------------------------------------- losses
