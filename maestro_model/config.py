@@ -21,8 +21,10 @@ from maestro_data.errors import MaestroError
 PHASES = ("pretrain", "probe", "finetune")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # keys that only say where/how a run is logged or stored: they may change when a run is resumed
+# (train.threads too: a resumed job may land on another machine; the trainer warns that its bits may then differ)
 RUN_ONLY = {"data.index", "data.num_workers", "train.output_dir", "train.resume", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.log_every", "train.trace", "train.exit_after_steps", "train.quiet"}
+            "train.keep_checkpoints", "train.log_every", "train.trace", "train.exit_after_steps", "train.quiet",
+            "train.threads"}
 
 
 class ConfigError(MaestroError):
@@ -71,6 +73,8 @@ class TrainSection:
     init_which: str = "model"       # model | ema_model (official checkpoints hold both)
     init_strict: bool = True
     cpu: bool = False               # force CPU even where a GPU exists
+    threads: int = 0                # intra-op CPU threads per process (0: torch's default). CPU sums are split per
+                                    # thread, so bit-identical (resumed) CPU runs need the same count throughout
     log_every: int = 10             # optimizer steps between step-log lines
     trace: bool = False             # per-rank JSONL of every step's loss and tile ids (tests, debugging)
     exit_after_steps: int = 0       # simulate a preemption: hard exit after this many optimizer steps (tests)
@@ -209,7 +213,7 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
             raise bad(f"train.{key}", f"must be official or paper, got {getattr(cfg.train, key)!r}")
     if cfg.train.init_which not in ("model", "ema_model"):
         raise bad("train.init_which", f"must be model or ema_model, got {cfg.train.init_which!r}")
-    for key in ("checkpoint_every", "exit_after_steps"):
+    for key in ("checkpoint_every", "exit_after_steps", "threads"):
         if getattr(cfg.train, key) < 0:
             raise bad(f"train.{key}", "must be >= 0")
     if cfg.train.keep_checkpoints < 1 or cfg.train.log_every < 1:

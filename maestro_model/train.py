@@ -5,8 +5,10 @@ per optimizer step from :mod:`maestro_model.schedule`), the probe's head starts 
 weights (updated at every epoch end, then used for validation: model-spec §8.5's "faithful in spirit" order)
 evaluates the fine-tuned model. Metrics are integer counts summed over ranks, each sample counted once.
 Checkpoints (``accelerator.save_state`` + per-rank loader position + EMA) land every N optimizer steps and at every
-epoch end; a resumed run repeats exactly what an uninterrupted one does. Launch with ``accelerate launch -m
-maestro_model.train ...`` or the ``maestro-train`` console script.
+epoch end; a resumed run repeats exactly what an uninterrupted one does, bit for bit on CPU when it computes with
+the same number of intra-op threads (``train.threads``: CPU reductions are split per thread, so another count
+changes the last bits of sums and gradients). Launch with ``accelerate launch -m maestro_model.train ...`` or the
+``maestro-train`` console script.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Progress:
     step: int = 0                  # optimizer steps of this phase already taken
     loader: dict | None = None     # the train loader's state at `batch` (mid-epoch only)
     history: list = field(default_factory=list)  # per-epoch validation records of this phase
+    loss_sum: float = 0.0          # sum of this epoch's first `batch` batch losses (its train_loss goes on from it)
 
 
 def step_seed(seed: int, *parts: object) -> int:
@@ -110,6 +113,7 @@ class Trainer:
         check_manifest(index, self.manifest, loc)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
+        self.threads = cfg.train.threads or torch.get_num_threads()  # intra-op threads :meth:`run` computes with
         m = cfg.model
         with torch.random.fork_rng(devices=[]):  # identical initial weights on every rank, global RNG untouched
             torch.manual_seed(cfg.train.seed)
@@ -173,7 +177,8 @@ class Trainer:
         path = root / f"{progress.phase}-e{progress.epoch:04d}-b{progress.batch:06d}"
         self.acc.wait_for_everyone()
         self.acc.save_state(str(path))
-        state = {"config": self.cfg.fingerprint(), "world_size": self.world, "progress": asdict(progress)}
+        state = {"config": self.cfg.fingerprint(), "world_size": self.world, "threads": torch.get_num_threads(),
+                 "progress": asdict(progress)}
         (path / STATE_FILE.format(self.rank)).write_text(json.dumps(state))
         if self.acc.is_main_process and self.ema is not None:
             save_file(self.ema.state_dict(), str(path / EMA_FILE))
@@ -215,6 +220,11 @@ class Trainer:
         if progress.phase not in self.phases:
             raise TrainError(f"{path}: checkpoint is in phase {progress.phase!r}, this run covers "
                              f"{', '.join(self.phases)}")
+        saved = state.get("threads")
+        if saved is not None and saved != self.threads and self.acc.device.type == "cpu":
+            log.warning("%s: written with %d intra-op threads, resuming with %d: CPU sums split differently, so the "
+                        "losses will equal the uninterrupted run's only to rounding (set train.threads=%d for "
+                        "bit-identical ones)", path, saved, self.threads, saved)
         self.acc.load_state(str(path))
         if self.ema is not None:
             self.ema.load_state_dict(load_file(path / EMA_FILE))
@@ -234,6 +244,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> dict[str, dict]:
         """Run the phases (resuming if configured) -> {phase: metrics} (also ``<out>/<phase>/metrics.json``)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # process-wide: restored below for library callers
+        try:
+            return self._run_phases()
+        finally:
+            torch.set_num_threads(previous)
+
+    def _run_phases(self) -> dict[str, dict]:
         from maestro_model.train_loop import run_phase  # the epoch loop lives beside, to keep both files short
 
         start = self.load_checkpoint(self.cfg.train.resume) if self.cfg.train.resume else None

@@ -92,13 +92,13 @@ def run_phase(tr, progress: Progress) -> dict:
     accum = pc.grad_accum
     for epoch in range(progress.epoch, pc.epochs):
         loader.set_epoch(epoch)
-        first = 0
+        first, loss_sum = 0, 0.0
         if epoch == progress.epoch and progress.loader is not None:
             loader.load_state_dict(progress.loader)
-            first = progress.batch
-        progress = replace(progress, epoch=epoch, batch=first, loader=None)
+            first, loss_sum = progress.batch, progress.loss_sum
+        progress = replace(progress, epoch=epoch, batch=first, loader=None, loss_sum=0.0)
         tr.model.train()
-        t0, seen, loss_sum = time_now(), 0, 0.0
+        t0, seen = time_now(), 0
         bar = progress_bar(acc, n, f"{phase} {epoch + 1}/{pc.epochs}", cfg.train.quiet)
         bar.update(first)
         for i, batch in enumerate(loader, start=first):
@@ -133,14 +133,13 @@ def run_phase(tr, progress: Progress) -> dict:
                 acc.log({f"{phase}_loss/step_train": mean_loss, f"{phase}_AdamW_lr": lr}, step=progress.step)
             every = cfg.train.checkpoint_every
             if every and progress.step % every == 0 and i + 1 < n:
-                tr.save_checkpoint(replace(progress, loader=loader.state_dict(), history=history))
+                tr.save_checkpoint(replace(progress, loader=loader.state_dict(), history=history, loss_sum=loss_sum))
             if cfg.train.exit_after_steps and tr.steps_run >= cfg.train.exit_after_steps:
                 acc.wait_for_everyone()
                 os._exit(EXIT_PREEMPTED)  # like a kill: no cleanup, no final checkpoint
         bar.close()
         elapsed = max(time_now() - t0, 1e-9)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n - first, 1),
-                  "samples_per_s": seen / elapsed}
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / n, "samples_per_s": seen / elapsed}
         if tr.ema is not None:
             tr.ema.update(tr.raw, alpha)
         if pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
@@ -151,7 +150,7 @@ def run_phase(tr, progress: Progress) -> dict:
                      ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         if acc.log_with:
             acc.log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, step=progress.step)
-        progress = Progress(phase, epoch + 1, 0, progress.step, None, history)
+        progress = Progress(phase, epoch + 1, step=progress.step, history=history)
         tr.save_checkpoint(progress)
     if trace is not None:
         _append(trace, {"phase_end": phase, "world_size": tr.world, "weights_sha256": weights_digest(tr.raw)})

@@ -158,7 +158,7 @@ def test_config_overrides_types_and_roundtrip(tmp_path):
     again = tmp_path / "again.toml"
     again.write_text(cfg.to_toml())
     assert load_config(again) == cfg
-    moved = build_config({}, {"train.output_dir": "elsewhere", "data.num_workers": 0})
+    moved = build_config({}, {"train.output_dir": "elsewhere", "data.num_workers": 0, "train.threads": 3})
     assert moved.digest() == build_config({}).digest()  # where a run writes is not part of its identity
     assert build_config({}, {"train.seed": 1}).digest() != build_config({}).digest()
 
@@ -168,6 +168,7 @@ def test_config_overrides_types_and_roundtrip(tmp_path):
                                                      ("train.precision", "fp8", "precision"),
                                                      ("finetune.batch_size", 0, "batch_size"),
                                                      ("train.ema", 1, "expected bool"),
+                                                     ("train.threads", -1, r"train\.threads: must be >= 0"),
                                                      ("seed", 1, "section.key")])
 def test_config_bad_values(key, value, match):
     with pytest.raises(ConfigError, match=match):
