@@ -5,7 +5,14 @@ Tiles: aerial 4x512² uint8, elevation 2x512² float32, COSIA 512² uint8, S2 T~
 S1 asc/desc T~70 x 2 x 10² float32 (synthetic, real layout, smooth fields). Targets (issue): >= 60 tiles/s/core,
 store <= 0.8x raw bytes (lossless).
 
-    python benchmarks/build_throughput.py [--tiles 64] [--workdir DIR]
+    python benchmarks/build_throughput.py [--tiles 64] [--workdir DIR] [--repeat 3]
+
+CPU is process time (all threads: zarr's event loop and codec/I-O threads included), the least of ``--repeat``
+builds, so the figure is per core and robust to a shared machine. Beside the build it times the parts no store
+change can remove: rasterio opening every GeoTIFF, opening + reading every band, and the FLAIR reader alone.
+Floor on a shared 2-core VM (Nov 2026): reader ~8-10 ms/tile (of which ~4 ms is rasterio.open parsing CRS and
+per-band attributes of 7 files, ~3 ms GDAL reads), store write ~10 ms/tile (blosc-lz4 ~4 ms, the rest zarr-python's
+per-chunk machinery), store creation ~0.1 s per build: ~40-45 tiles/s/core, short of the 60 the issue asks for.
 
 The LAST line printed is one JSON object with the figures.
 """
@@ -39,6 +46,7 @@ def compare_codecs(store: TileStore, tiles: int) -> dict:
     candidates = {
         "blosc-zstd3-shuffle": lambda it: Blosc("zstd", 3, Blosc.BITSHUFFLE if it == 1 else Blosc.SHUFFLE),
         "blosc-lz4-shuffle (default)": lambda it: Blosc("lz4", 5, Blosc.BITSHUFFLE if it == 1 else Blosc.SHUFFLE),
+        "blosc-lz4-1-shuffle": lambda it: Blosc("lz4", 1, Blosc.BITSHUFFLE if it == 1 else Blosc.SHUFFLE),
         "blosc-zstd1-shuffle": lambda it: Blosc("zstd", 1, Blosc.BITSHUFFLE if it == 1 else Blosc.SHUFFLE),
         "zstd3 (no shuffle)": lambda it: Zstd(3),
     }
@@ -58,23 +66,51 @@ def compare_codecs(store: TileStore, tiles: int) -> dict:
     return out
 
 
-def geotiff_read_floor(src: Path, tiles: int) -> float:
-    """Tiles/s of merely opening and reading every GeoTIFF of the converted modalities (the rasterio/GDAL floor)."""
+def geotiff_floors(src: Path, tiles: int) -> dict[str, float]:
+    """Tiles/s of CPU for (a) opening every GeoTIFF with rasterio and (b) opening and reading all its bands the way
+    the FLAIR reader does (same GDAL options, same read call): the part of a build no store change can remove."""
     import rasterio
 
-    files = list(src.rglob("*.tif"))
-    t0 = time.process_time()
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    from maestro_data.sources.base import GDAL_READ_OPTIONS
+    from maestro_data.sources.flair import read_all_bands
+
+    files = sorted(src.rglob("*.tif"))
+    out = {}
+    with rasterio.Env(**GDAL_READ_OPTIONS):
+        t0 = time.process_time()
+        for path in files:
+            with rasterio.open(path):
+                pass
+        out["open_only"] = tiles / (time.process_time() - t0)
+        t0 = time.process_time()
         for path in files:
             with rasterio.open(path) as ds:
-                ds.read()
-    return tiles / (time.process_time() - t0)
+                read_all_bands(ds, path.name, "", path)
+        out["open_and_read"] = tiles / (time.process_time() - t0)
+    return out
+
+
+def reader_rate(src: Path) -> float:
+    """Tiles/s of CPU of the FLAIR-HUB reader alone (probe + read of every tile, as one build worker does)."""
+    import rasterio
+
+    from maestro_data.sources import open_source
+    from maestro_data.sources.base import GDAL_READ_OPTIONS
+
+    source = open_source(load_manifest("flair-hub"), src)
+    refs = source.list_tiles()
+    t0 = time.process_time()
+    with rasterio.Env(**GDAL_READ_OPTIONS):
+        for ref in refs:
+            source.read(source.probe(ref))
+    return len(refs) / (time.process_time() - t0)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="builds to run; the least CPU counts (shared machines)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -83,21 +119,31 @@ def main(argv: list[str] | None = None) -> dict:
         gen_s = time.perf_counter() - t0
         raw_tif = _tree_bytes(src, ".tif")
         manifest = load_manifest("flair-hub")
-        cpu0 = time.process_time()
-        report = build_store(manifest, src, tmp / "out", BuildOptions(workers=1, quiet=True))
-        cpu = time.process_time() - cpu0
-        store = TileStore(tmp / "out")
+        # process_time counts every thread of the process (zarr's event loop and codec/I-O threads, GDAL), so the
+        # figure is CPU per core however the work is spread over threads
+        runs = []
+        for k in range(max(1, args.repeat)):
+            cpu0 = time.process_time()
+            report = build_store(manifest, src, tmp / f"out{k}", BuildOptions(workers=1, quiet=True))
+            runs.append((time.process_time() - cpu0, k, report))
+        cpu, best, report = min(runs, key=lambda r: r[0])
+        out = tmp / f"out{best}"
+        store = TileStore(out)
         store_bytes = _tree_bytes(store.path)
         print(f"generated {args.tiles} tiles in {gen_s:.1f} s; raw GeoTIFFs {raw_tif / 1e6:.1f} MB")
-        print(f"convert: {report['seconds']:.2f} s wall, {cpu:.2f} s CPU (one process) -> "
+        print(f"convert: {report['seconds']:.2f} s wall, {cpu:.2f} s CPU (one process, least of {len(runs)}) -> "
               f"{args.tiles / cpu:.1f} tiles/s/core; store {store_bytes / 1e6:.1f} MB")
-        floor = geotiff_read_floor(src, args.tiles)
-        print(f"reading the GeoTIFFs alone (no conversion): {floor:.1f} tiles/s of CPU")
+        floors = geotiff_floors(src, args.tiles)
+        reader = reader_rate(src)
+        print(f"reading the GeoTIFFs alone (no conversion): {floors['open_and_read']:.1f} tiles/s of CPU, of which "
+              f"rasterio.open alone {floors['open_only']:.1f} tiles/s; the FLAIR reader (probe + read, dtype and "
+              f"label checks, dates, location) {reader:.1f} tiles/s: a build cannot beat that (store write, "
+              f"planning and commit add ~{1000 * (cpu / args.tiles - 1 / reader):.1f} ms/tile)")
         codecs = compare_codecs(store, args.tiles)
         for name, r in codecs.items():
             print(f"  codec {name:32s} ratio {r['ratio']:.3f}  encode {r['encode_MB_per_s']:.0f} MB/s")
         t1 = time.perf_counter()
-        index = write_shards(tmp / "out", tmp / "shards", ShardOptions(shard_bytes=256 << 20, quiet=True))
+        index = write_shards(out, tmp / "shards", ShardOptions(shard_bytes=256 << 20, quiet=True))
         shard_s = time.perf_counter() - t1
         shard_bytes = sum(e["bytes"] for s in index["splits"].values() for t in s["tiers"].values() for e in t)
         print(f"shards: {shard_bytes / 1e6:.1f} MB in {shard_s:.2f} s")
@@ -105,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
             "tiles": args.tiles,
             "tiles_per_s_per_core": round(args.tiles / cpu, 2),
             "tiles_per_s_wall_one_process": round(args.tiles / report["seconds"], 2),
-            "geotiff_read_only_tiles_per_s": round(floor, 2),
+            "geotiff_read_only_tiles_per_s": round(floors["open_and_read"], 2),
+            "geotiff_open_only_tiles_per_s": round(floors["open_only"], 2),
+            "reader_only_tiles_per_s": round(reader, 2),
             "cpu_seconds_per_tile": round(cpu / args.tiles, 4),
             "store_to_raw_bytes": round(store_bytes / raw_tif, 4),
             "raw_mb": round(raw_tif / 1e6, 1),

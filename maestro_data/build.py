@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import zarr
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from maestro_data import __version__
 from maestro_data.errors import SourceError, StoreError
 from maestro_data.manifest import Manifest
 from maestro_data.sources import Source, SourceOptions, open_source
+from maestro_data.sources.base import GDAL_READ_OPTIONS
 from maestro_data.store import StorePlan, create_store, make_plan, write_block
 from maestro_data.tile import TileRef
 
@@ -92,13 +94,14 @@ def _convert_block(block: int, refs: list[TileRef], marker_dir: str) -> dict:
     source: Source = _W["source"]
     plan: StorePlan = _W["plan"]
     tiles, skipped = {}, []
-    for i in plan.block_range(block):
-        try:
-            tiles[i] = source.read(refs[i])
-        except SourceError as exc:
-            if _W["on_error"] == "fail":
-                raise
-            skipped.append({"tile_id": refs[i].tile_id, "stage": "read", "reason": str(exc)})
+    with rasterio.Env(**GDAL_READ_OPTIONS):  # the readers' GDAL settings for every raster of the block
+        for i in plan.block_range(block):
+            try:
+                tiles[i] = source.read(refs[i])
+            except SourceError as exc:
+                if _W["on_error"] == "fail":
+                    raise
+                skipped.append({"tile_id": refs[i].tile_id, "stage": "read", "reason": str(exc)})
     nans = write_block(_W["root"], source.manifest, plan, block, tiles)
     marker = {"block": block, "tiles": len(tiles), "skipped": skipped, "nan_values": nans}
     _atomic_json(Path(marker_dir) / f"{block:07d}.json", marker)

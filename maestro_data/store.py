@@ -14,9 +14,12 @@ Layout (``<out>/store.zarr``)::
     targets/<name>            (N, K) fractions or (N, H, W) class rasters
 
 Tiles are grouped in blocks of ``block_tiles`` consecutive tiles. Block ``b`` owns shard ``b`` of every array: its
-time steps start at ``b * shard_steps`` and each tile starts on a chunk boundary, so a worker process writes whole
-shards only (concurrent partial-shard writes lose data, zarr-python #3682) and one tile of one modality is a few
-chunk reads. Unwritten chunks are never stored, so the alignment costs no bytes on disk.
+time steps start at ``b * shard_steps`` and each tile starts on a chunk boundary, so a shard is only ever written by
+the one worker process that converts its block, in one write (concurrent partial-shard writes lose data,
+zarr-python #3682), and one tile of one modality is a few chunk reads. That write covers the block's tiles only: the
+shard's tail past its last tile is never stored, so the alignment costs no bytes on disk. A chunk holds at most
+``MAX_CHUNK_STEPS`` time steps, so a small-pixel series (S2 10x10 px: 2 kB a step) pads each tile to ~128 steps
+rather than to a megabyte of zeros that every build would copy and compress.
 """
 
 from __future__ import annotations
@@ -37,18 +40,21 @@ from maestro_data.tile import Series, Tile
 STORE_FORMAT = "maestro-tile-store"
 STORE_SCHEMA = 1
 CHUNK_TARGET_BYTES = 1 << 20  # ~1 MiB raw per chunk: big enough to compress well, small enough to read one tile
+MAX_CHUNK_STEPS = 128  # ~ a year of Sentinel-1/2 acquisitions: one chunk per tile for most series
 
 
 def codec(dtype: np.dtype) -> BloscCodec:
-    """Blosc-zstd with byte shuffle: lossless, ~2x faster than plain zstd at equal ratio on these rasters
-    (benchmarks/build_throughput.py --codecs compares the candidates)."""
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle" if dtype.itemsize > 1 else "bitshuffle",
+    """Blosc-lz4 with (bit)shuffle, chosen by benchmarks/build_throughput.py on FLAIR-HUB-shaped tiles: ~4.5x
+    faster to encode than blosc-zstd-3 for 0.52x instead of 0.41x of the raw bytes; encoding was the largest
+    cost of a build, and decoding lz4 is also the cheapest for the shard writer."""
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle" if dtype.itemsize > 1 else "bitshuffle",
                       typesize=dtype.itemsize)
 
 
 def steps_per_chunk(spec: ModalitySpec) -> int:
+    """Time steps per chunk: ~CHUNK_TARGET_BYTES, but at most MAX_CHUNK_STEPS."""
     step_bytes = spec.stored_channels * spec.tile_size**2 * np.dtype(spec.dtype).itemsize
-    return max(1, CHUNK_TARGET_BYTES // step_bytes)
+    return max(1, min(MAX_CHUNK_STEPS, CHUNK_TARGET_BYTES // step_bytes))
 
 
 @dataclass(frozen=True)
@@ -163,9 +169,19 @@ def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: di
     return root
 
 
+def _block_extent(mp: ModalityPlan, rng: range, s0: int) -> int:
+    """Steps of block shard from its start to the end of its last tile's last chunk; the rest stays unwritten."""
+    if not len(rng):
+        return 0
+    last = rng[-1]
+    k = mp.chunk_steps
+    return int(mp.offsets[last]) - s0 + -(-int(mp.counts[last]) // k) * k
+
+
 def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: int,
                 tiles: dict[int, Tile]) -> dict[str, int]:
-    """Write one block (whole shards) from its tiles, keyed by tile index; missing tiles stay invalid.
+    """Write one block (its own shards, one write each) from its tiles, keyed by tile index; missing tiles stay
+    invalid (their chunks hold zeros).
 
     Returns NaN counts per modality for the report."""
     rng = plan.block_range(block)
@@ -179,19 +195,23 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
     for i, tile in tiles.items():
         j = i - lo
         lon[j], lat[j], valid[j], ref[j] = tile.lon, tile.lat, True, tile.ref_date
-    t = root["tiles"]
-    t["lon"][sl], t["lat"][sl], t["valid"][sl], t["ref_date"][sl] = lon, lat, valid, ref
+    # arrays are opened by path: opening their group first would read and parse one more zarr.json each time
+    for name, values in (("lon", lon), ("lat", lat), ("valid", valid), ("ref_date", ref)):
+        root[f"tiles/{name}"][sl] = values
     nans: dict[str, int] = {}
     for name, spec in manifest.modalities.items():
         mp = plan.modalities[name]
         s0 = block * mp.shard_steps
-        g = root[name]
-        data = np.zeros((mp.shard_steps, spec.stored_channels, spec.tile_size, spec.tile_size), spec.dtype)
-        dates = np.zeros((mp.shard_steps, 3), np.int16)
+        # Only the block's tiles are written, chunk-aligned, and every chunk written holds a tile (or a skipped
+        # tile's zeros): zarr's scan of each chunk for "all fill value" (a full compare per chunk and per shard)
+        # would find nothing to drop, and the shard's tail past the last tile is simply never written.
+        used = _block_extent(mp, rng, s0)
+        px = (spec.tile_size, spec.tile_size)
+        data = np.zeros((used, spec.stored_channels, *px), spec.dtype)
+        dates = np.zeros((used, 3), np.int16)
         mask = None
         if spec.cloud_mask is not None:
-            mask = np.zeros((mp.shard_steps, len(spec.cloud_mask.bands), spec.tile_size, spec.tile_size),
-                            spec.cloud_mask.dtype)
+            mask = np.zeros((used, len(spec.cloud_mask.bands), *px), spec.cloud_mask.dtype)
         nan_count = np.zeros(bt, np.int64)
         for i in rng:
             if i not in tiles:
@@ -206,20 +226,28 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
             if mask is not None:
                 mask[a:a + c] = series.mask
             if data.dtype.kind == "f":
-                nan_count[i - lo] = int(np.isnan(series.data).sum())
-        g["data"][s0:s0 + mp.shard_steps] = data
-        g["dates"][s0:s0 + mp.shard_steps] = dates
-        if mask is not None:
-            g["mask"][s0:s0 + mp.shard_steps] = mask
-        g["nan_count"][sl] = nan_count
+                nan_count[i - lo] = np.count_nonzero(np.isnan(series.data))
+        if used:
+            _dense(root[f"{name}/data"])[s0:s0 + used] = data
+            root[f"{name}/dates"][s0:s0 + used] = dates
+            if mask is not None:
+                _dense(root[f"{name}/mask"])[s0:s0 + used] = mask
+        if data.dtype.kind == "f":  # integer rasters hold no NaN: their counts stay the fill value 0
+            root[f"{name}/nan_count"][sl] = nan_count
         nans[name] = int(nan_count.sum())
     for name in manifest.targets:
-        arr = root["targets"][name]
-        buf = np.zeros((bt, *arr.shape[1:]), arr.dtype)
+        arr = root[f"targets/{name}"]
+        buf = np.zeros((len(rng), *arr.shape[1:]), arr.dtype)
         for i, tile in tiles.items():
             buf[i - lo] = tile.targets[name]
-        arr[sl] = buf
+        if len(rng):
+            _dense(arr)[lo:lo + len(rng)] = buf
     return nans
+
+
+def _dense(arr: zarr.Array) -> zarr.Array:
+    """The array with zarr's empty-chunk scan off, for writes whose every chunk holds data."""
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],

@@ -438,3 +438,25 @@ def test_manifest_patterns_match_the_official_toy_csv_paths():
                 assert row[mod] == "../" + pattern.format(**keys), (path, row["patch_id"], mod)
                 checked += 1
     assert checked >= 250 * 7
+
+
+def test_fast_band_read_equals_the_public_read_and_falls_back(dataset, monkeypatch):
+    """read_all_bands goes through rasterio's private reader for speed; it must equal src.read(), and a rasterio
+    whose private reader changed must still be read through the public path."""
+    from maestro_data.sources.flair import read_all_bands
+
+    path = next(dataset.glob("*_SENTINEL2_TS/*/*.tif"))
+    with rasterio.open(path) as src:
+        fast = read_all_bands(src, "s2", "t", path)
+        np.testing.assert_array_equal(fast, src.read())
+        assert fast.dtype == src.read().dtype
+
+        original = type(src)._read
+
+        def changed(self, *args, **kwargs):  # rejects the positional-only call read_all_bands makes
+            if not kwargs:
+                raise TypeError("unexpected signature")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(src), "_read", changed)
+        np.testing.assert_array_equal(read_all_bands(src, "s2", "t", path), fast)

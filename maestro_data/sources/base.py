@@ -19,6 +19,16 @@ from maestro_data.errors import SourceError
 from maestro_data.manifest import Manifest, ModalitySpec
 from maestro_data.tile import Series, Tile, TileRef
 
+# GDAL settings for reading many small GeoTIFFs (a build sets them once per block, see build._convert_block):
+# - don't list a file's folder to look for sidecars (FLAIR-HUB folders hold thousands of files);
+# - take the CRS from the GeoKeys as written instead of also building the EPSG definition from the PROJ database
+#   and comparing the two (~0.2 ms of every open; rasterio parses the CRS of every file it opens);
+# - read uncompressed files through a memory map instead of GDAL's block cache, which handles every band of
+#   every strip separately (5200 blocks for a 520-band 10x10 S2 series: 6 -> 1.7 ms). GDAL checks the strips
+#   against the file size first, so a truncated file still fails with an error; compressed files are unaffected.
+GDAL_READ_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GTIFF_SRS_SOURCE": "GEOKEYS",
+                     "GTIFF_VIRTUAL_MEM_IO": "YES"}
+
 
 @dataclass(frozen=True)
 class SourceOptions:
@@ -117,6 +127,8 @@ def check_series(spec: ModalitySpec, series: Series, *, tile_id: str, path: str 
 def check_target_classes(values: np.ndarray, num_stored_classes: int, *, tile_id: str, path: str | Path,
                          name: str, allowed_extra: tuple[int, ...] = ()) -> None:
     """Raise if a label raster holds a value outside the manifest's classes."""
+    if values.size and values.min() >= 0 and values.max() < num_stored_classes:
+        return  # the usual case, without sorting the raster (np.unique was ~1.5 ms of a 512² label)
     present = np.unique(values)
     bad = [int(v) for v in present if not (0 <= v < num_stored_classes or int(v) in allowed_extra)]
     if bad:
