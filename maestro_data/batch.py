@@ -14,6 +14,17 @@ Keys and layouts (B = batch size; every number comes from the manifest, see :fun
   no label exists (H_t = W_t = target ``image_size``).
 * ``tile_id``: ``list[str]`` of length B (optional), the exact source tile ids.
 
+That is what the MODEL receives (:func:`check_batch`). The streaming loader's batches (:func:`check_loader_batch`)
+differ before ``device.to_model_batch`` moves them, in ways that save host CPU and bytes:
+
+* segmentation targets may be any integer dtype of ``LOADER_SEGMENTATION_DTYPES`` (the loader uses the smallest
+  signed one holding every label and the missing value, int8 for the four datasets); ``to_model_batch`` widens
+  them to int64. Values are already training labels (ignored classes -> ``missing_value``).
+* extra keys: ``valid`` bool ``[B]`` (False on padding rows: exclude them from metrics), ``crop_index`` int64
+  ``[B]`` (-1 on padding rows), ``<modality>_missing`` bool ``[B]`` (the tile has no date for that modality: a
+  neutral all-zero row after normalisation) and, with ``d4_on_device``, ``d4`` int64 ``[B]`` (the D4 element of
+  each row, still to be applied by ``to_model_batch``, which then drops the key).
+
 Arrays may be torch tensors or numpy arrays: only ``.shape`` and ``.dtype`` are read (and ``isfinite`` in value mode),
 so this module does not import torch. Extra keys are ignored.
 """
@@ -31,6 +42,15 @@ FLOAT_DTYPE = "float32"
 DATE_DTYPE = "int16"
 MULTILABEL_DTYPES = ("float32", "float64", "int8", "int16", "int32", "int64")
 SEGMENTATION_DTYPE = "int64"
+LOADER_SEGMENTATION_DTYPES = ("int8", "uint8", "int16", "int32", "int64")
+
+
+def loader_keys(manifest: Manifest) -> dict[str, tuple[tuple, str]]:
+    """Shape (``None`` = batch dimension) and dtype of the extra keys of a streaming-loader batch."""
+    out: dict[str, tuple[tuple, str]] = {"valid": ((None,), "bool"), "crop_index": ((None,), "int64"),
+                                         "d4": ((None,), "int64")}
+    out.update({f"{m}_missing": ((None,), "bool") for m in manifest.modalities})
+    return out
 
 
 class BatchError(MaestroError):
@@ -81,14 +101,32 @@ def _is_finite(x: Any) -> bool:
 
 
 def check_batch(manifest: Manifest, batch: dict[str, Any], *, targets: bool = False, values: bool = False) -> int:
-    """Validate ``batch`` against the contract for ``manifest`` and return the batch size.
+    """Validate ``batch`` against the MODEL's contract for ``manifest`` and return the batch size.
 
     ``targets=True`` also requires every manifest target; ``values=True`` also rejects NaN/inf in float inputs
     (a full pass over the data: meant for debugging). Raises :class:`BatchError` naming the key at fault.
     """
+    return _check(manifest, batch, expected_shapes(manifest), allowed_dtypes(manifest), targets, values)
+
+
+def check_loader_batch(manifest: Manifest, batch: dict[str, Any], *, targets: bool = False,
+                       values: bool = False) -> int:
+    """Validate a streaming-loader batch (before ``to_model_batch``): the model's contract with the loader's
+    allowances (narrow segmentation dtypes) and its extra keys, each checked when present."""
+    shapes, dtypes = expected_shapes(manifest), allowed_dtypes(manifest)
+    for t in manifest.targets.values():
+        if t.type == "segmentation":
+            dtypes[t.name] = LOADER_SEGMENTATION_DTYPES
+    for key, (shape, dtype) in loader_keys(manifest).items():
+        if key in batch:
+            shapes[key], dtypes[key] = shape, (dtype,)
+    return _check(manifest, batch, shapes, dtypes, targets, values)
+
+
+def _check(manifest: Manifest, batch: dict[str, Any], shapes: dict[str, tuple], dtypes: dict[str, tuple[str, ...]],
+           targets: bool, values: bool) -> int:
     if not isinstance(batch, dict):
         raise BatchError(f"{manifest.name}: a batch must be a dict, got {type(batch).__name__}")
-    shapes, dtypes = expected_shapes(manifest), allowed_dtypes(manifest)
     required = [k for k in shapes if k not in manifest.targets or targets]
     missing = [k for k in required if k not in batch]
     if missing:

@@ -6,9 +6,12 @@ the temporal work only touches the crop) -> per-modality time-step selection on 
 (``temporal.select_steps``) -> band selection/reorder (``select``) -> float32, ``log`` where ``log_scale``,
 ``/ norm_factor`` and the NaN fill of ``temporal.normalise`` (deferred to the device for integer modalities by
 default) -> labels (multilabel: fraction > threshold, NaN and ignored classes -> missing_value; segmentation: crop,
-ignored classes -> missing_value, int64) -> D4 (one element for every raster and segmentation label of the element;
-deferred to the device by default: ``batch["d4"]``, see device.py). Big rasters are copied plane by plane from the
-decoded sample into the row, with no gathered temporary.
+ignored classes -> missing_value, in the smallest signed integer dtype holding every label (``label_dtype``:
+int8 for all four datasets), or with ``normalize_on_device`` (default) the stored uint8 classes, mapped on the
+device; ``device.to_model_batch`` returns the contract's int64 either way) -> D4 (one element for every raster
+and segmentation label of the element; deferred to the device by default: ``batch["d4"]``, see device.py). Big
+rasters are copied (or normalised) plane by plane from the decoded sample into the row, with no gathered temporary;
+batch memory is recycled (:class:`ArrayPool`) because first-touch page faults cost more than the copies.
 
 Every random choice draws from ``randomness.sample_rng(seed, epoch, key, "<purpose>:<crop>")``: the crop origin,
 the temporal offset and time steps per modality, and the D4 element depend only on (seed, epoch, sample key, crop
@@ -21,6 +24,8 @@ selected steps, else 0. So no NaN reaches the model, whichever side normalises.
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +34,10 @@ from maestro_data.augment import crop_grid, crop_window, d4_apply, eval_crop_ori
 from maestro_data.errors import StreamError
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.randomness import sample_rng
-from maestro_data.temporal import LOG_FLOOR, fill_nonfinite, normalise, select_steps
+from maestro_data.temporal import fill_nonfinite, normalise, select_steps
 
-SEG_DTYPE = np.int64  # the batch contract's segmentation dtype, written directly by the label look-up table
 BIG_RASTER = 4096  # pixels per step from which a raster is copied plane by plane (no gathered temporary)
+POOL_MIN_BYTES = 1 << 18  # batch arrays from which ArrayPool recycles memory
 
 
 @dataclass(frozen=True)
@@ -51,23 +56,27 @@ def deferred(spec: ModalitySpec, options: TransformOptions) -> bool:
     return options.normalize_on_device and np.dtype(spec.dtype).kind in "iu"
 
 
-def _label_lut(t: TargetSpec) -> np.ndarray:
-    """Class value -> training label: ignored classes (and classes >= num_classes) -> missing_value."""
-    lut = np.arange(len(t.classes), dtype=np.int64)
-    lut[list(t.ignore)] = t.missing_value
-    lut[t.num_classes:] = t.missing_value  # the manifest guarantees these are ignored or the missing value
-    return lut.astype(SEG_DTYPE)
+def label_dtype(t: TargetSpec) -> np.dtype:
+    """The loader's dtype for segmentation target ``t``: the smallest signed integer type holding every training
+    label and the missing value (a quarter to an eighth of the contract's int64 bytes through the loader)."""
+    lo, hi = min(0, t.missing_value), max(len(t.classes) - 1, t.missing_value)
+    return next(np.dtype(d) for d in (np.int8, np.int16, np.int32, np.int64)
+                if np.iinfo(d).min <= lo and hi <= np.iinfo(d).max)
 
 
-def normalise_in_place(x: np.ndarray, log_scale: bool, norm_factor: float) -> None:
-    """``temporal.normalise`` on a float32 array in place, operation for operation (tested equal): log floor,
-    ``log``, division by the float32 factor, then ``fill_nonfinite`` only where something is not finite."""
-    if log_scale:
-        np.maximum(x, np.float32(LOG_FLOOR), out=x)
-        np.log(x, out=x)
-    x /= np.float32(norm_factor)
-    if not np.isfinite(x).all():
-        x[...] = fill_nonfinite(x)
+def raw_labels(t: TargetSpec, options: TransformOptions) -> bool:
+    """Whether segmentation target ``t`` leaves the loader as its stored uint8 class values (mapped to training
+    labels by ``device.to_model_batch``): with ``normalize_on_device``, like the integer modalities."""
+    return options.normalize_on_device and np.dtype(t.dtype) == np.uint8
+
+
+def label_table(t: TargetSpec, size: int | None = None) -> np.ndarray:
+    """Class value -> training label: ignored classes (and classes >= num_classes, and with ``size`` every
+    value up to ``size`` - 1 that is no class) -> missing_value."""
+    lut = np.full(max(size or 0, len(t.classes)), t.missing_value, dtype=np.int64)
+    lut[:t.num_classes] = np.arange(t.num_classes)
+    lut[[i for i in t.ignore if i < t.num_classes]] = t.missing_value
+    return lut.astype(label_dtype(t))  # exact: label_dtype holds every value of the table
 
 
 class SampleTransform:
@@ -85,10 +94,10 @@ class SampleTransform:
         self.select = {m: (None if s.select == tuple(range(s.stored_channels)) else np.asarray(s.select))
                        for m, s in manifest.modalities.items()}
         self.deferred = {m: deferred(s, options) for m, s in manifest.modalities.items()}
-        self.luts = {t.name: _label_lut(t) for t in manifest.targets.values() if t.type == "segmentation"}
-        # uint8 value -> "is not its own label" (the look-up table only ever maps a class to itself or to missing)
-        self.ignored = {n: np.concatenate([lut != np.arange(len(lut)), np.ones(256 - len(lut), bool)])
-                        for n, lut in self.luts.items()}
+        self.luts = {t.name: label_table(t) for t in manifest.targets.values() if t.type == "segmentation"}
+        # uint8 class rasters (every dataset): one gather through a table of all 256 values
+        self.luts8 = {t.name: label_table(t, 256) for t in manifest.targets.values() if t.type == "segmentation"}
+        self.raw = {t.name: raw_labels(t, options) for t in manifest.targets.values() if t.type == "segmentation"}
         # eval crops are fixed: their pixel windows are computed once
         self._eval_windows = [self._windows(o) for o in self.origins]
         # crop == tile (TreeSat, FLAIR): a single possible origin, no draw needed (its own rng stream: skipping
@@ -114,7 +123,8 @@ class SampleTransform:
             if t.type == "multilabel":
                 out[t.name] = ((t.num_classes,), np.dtype(np.float32))
             else:
-                out[t.name] = ((t.image_size, t.image_size), np.dtype(SEG_DTYPE))
+                dtype = np.dtype(np.uint8) if self.raw[t.name] else label_dtype(t)
+                out[t.name] = ((t.image_size, t.image_size), dtype)
         return out
 
     def row_bytes(self) -> int:
@@ -176,14 +186,21 @@ class SampleTransform:
         if s * s >= BIG_RASTER:  # plane by plane into the row: no gathered temporary of a big raster
             for d, step in enumerate(idx.tolist()):
                 for j, ch in enumerate(channels):
-                    dst[d, j] = d4_apply(data[step, ch], k)
+                    plane = data[step, ch] if k == 0 else d4_apply(data[step, ch], k)
+                    if self.deferred[m]:
+                        dst[d, j] = plane
+                    else:  # normalised straight from the sample into the row (one pass per plane)
+                        normalise(plane, spec.log_scale, spec.norm_factor, fill=False, out=dst[d, j])
             if not self.deferred[m]:
-                normalise_in_place(dst, spec.log_scale, spec.norm_factor)
+                fill_nonfinite(dst, out=dst)
             return False
         x = data[idx] if sel is None else data[idx[:, None], sel[None, :]]
-        if not self.deferred[m]:
-            x = normalise(x, spec.log_scale, spec.norm_factor)
-        dst[...] = d4_apply(x, k)
+        if self.deferred[m]:
+            dst[...] = d4_apply(x, k)
+        elif k == 0:
+            normalise(x, spec.log_scale, spec.norm_factor, out=dst)
+        else:
+            dst[...] = d4_apply(normalise(x, spec.log_scale, spec.norm_factor), k)
         return False
 
     @staticmethod
@@ -196,26 +213,67 @@ class SampleTransform:
         return out
 
     def _segmentation(self, labels: np.ndarray, t: TargetSpec, dst: np.ndarray, k: int) -> None:
-        """Class raster -> training labels (ignored classes -> missing_value) written into ``dst`` (int64)."""
-        lut = self.luts[t.name]
-        if labels.dtype == np.uint8 and k == 0:  # the hot case: a cast, then only the ignored pixels rewritten
-            dst[...] = labels
-            bad = np.take(self.ignored[t.name], labels)
-            if bad.any():
-                dst[bad] = t.missing_value
+        """Class raster -> training labels (ignored classes -> missing_value) written into ``dst``
+        (``label_dtype(t)``), or with ``raw_labels`` the stored class values copied into ``dst`` (uint8)."""
+        if self.raw[t.name]:
+            if labels.dtype != np.uint8:
+                raise StreamError(f"target {t.name!r}: {labels.dtype} labels, the manifest declares uint8")
+            dst[...] = d4_apply(labels, k) if k else labels
             return
+        if labels.dtype == np.uint8:  # the hot case: one gather of the raster through a 256-entry table
+            np.take(self.luts8[t.name], d4_apply(labels, k) if k else labels, out=dst, mode="clip")
+            return
+        lut = self.luts[t.name]
         v = labels.astype(np.int64)
         inside = (v >= 0) & (v < len(lut))
         mapped = np.where(inside, lut[np.clip(v, 0, len(lut) - 1)], t.missing_value)
         dst[...] = d4_apply(mapped, k)
 
 
-class BatchBuffer:
-    """Preallocated arrays of one batch; rows are written in place, unused rows stay padding (``valid`` False,
-    zeros, ``crop_index`` -1, ``d4`` 0)."""
+class ArrayPool:
+    """Recycles the memory of batch arrays once nothing refers to them any more (the consumer dropped the batch,
+    or the DataLoader moved it to shared memory): writing into fresh pages costs a page fault and a kernel
+    zeroing per page, ~0.1 ms per MB, more than the pixel work of an aerial or DEM raster.
 
-    def __init__(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]], size: int, d4_key: bool):
-        self.arrays = {k: np.zeros((size, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    ``empty`` hands out a view of a pooled base array; when the view (and every tensor made from it) is gone, a
+    finalizer returns the base, so reuse never races a live batch. At most ``keep`` free bases per
+    (shape, dtype) are kept; the pool is not pickled (a worker starts with an empty one)."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._free: dict[tuple, list[np.ndarray]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if math.prod(shape) * np.dtype(dtype).itemsize < POOL_MIN_BYTES:  # small: malloc reuses its memory anyway
+            return np.empty(shape, dtype)
+        key = (tuple(shape), np.dtype(dtype).str)
+        free = self._free.get(key)
+        base = free.pop() if free else np.empty(shape, dtype)
+        view = base[...]
+        weakref.finalize(view, self._release, key, base)
+        return view
+
+    def _release(self, key: tuple, base: np.ndarray) -> None:
+        free = self._free.setdefault(key, [])
+        if len(free) < self.keep:
+            free.append(base)
+
+    def __getstate__(self) -> dict:
+        return {"keep": self.keep, "_free": {}}
+
+
+class BatchBuffer:
+    """Preallocated arrays of one batch; rows are written in place, unused rows are padding (``valid`` False,
+    zeros, ``crop_index`` -1, ``d4`` 0) once ``as_dict`` hands the batch over.
+
+    The arrays are allocated uninitialised: a filled row writes every element of its row (``SampleTransform``),
+    so only the rows left unfilled are zeroed, in ``as_dict`` (zeroing whole batches cost a pass over ~3 MB per
+    FLAIR-HUB row). With a ``pool`` the arrays reuse the memory of released batches."""
+
+    def __init__(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]], size: int, d4_key: bool,
+                 pool: ArrayPool | None = None):
+        empty = pool.empty if pool is not None else np.empty
+        self.arrays = {k: empty((size, *shape), dtype) for k, (shape, dtype) in spec.items()}
         self.arrays["valid"] = np.zeros(size, bool)
         self.arrays["crop_index"] = np.full(size, -1, np.int64)
         if d4_key:
@@ -239,4 +297,9 @@ class BatchBuffer:
         self.tile_id[i] = tile_id
 
     def as_dict(self) -> dict:
+        """The batch: every array, with the rows that hold no element zeroed (padding), and ``tile_id``."""
+        unfilled = np.flatnonzero(~self.arrays["valid"])
+        if len(unfilled):
+            for key, v in self.arrays.items():
+                v[unfilled] = -1 if key == "crop_index" else 0
         return {**self.arrays, "tile_id": self.tile_id}

@@ -7,6 +7,11 @@ device almost nothing (both choices measured by ``benchmarks/loader_throughput.p
   uint16/int16 S2), 2-4x fewer bytes through worker queues, pinned memory and PCIe; :func:`to_model_batch` applies
   the official float32 -> ``log(max(x, 1e-10))`` (``log_scale``) -> ``/ norm_factor`` on the device. Float
   modalities (S1, DEM) arrive already normalised and NaN-filled as float32 ("taken as normalised" by the contract).
+* segmentation labels leave the loader either as their stored uint8 class values (with ``normalize_on_device``,
+  the default: no host work but a copy) or already mapped (ignored classes -> missing value) in the smallest signed
+  integer dtype holding them (``collate.label_dtype``, int8 for every dataset); :func:`to_model_batch` maps uint8
+  labels through the manifest's table (``collate.label_table``) on the device and widens both to int64. So uint8
+  means "stored classes" and a signed dtype "training labels" (``label_dtype`` is always signed).
 * ``d4_on_device``: the transpose of a D4 element is a strided copy (~1 ms per 512² float32 plane on one core);
   the loader returns rasters untransformed with ``batch["d4"]`` (int64 [B], the element of each row) and
   :func:`to_model_batch` applies it to every raster and segmentation label (then drops ``d4``, so it runs once).
@@ -21,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maestro_data.collate import label_table
 from maestro_data.manifest import Manifest
 from maestro_data.temporal import LOG_FLOOR
 
@@ -55,10 +61,12 @@ def _apply_d4(out: dict[str, Any], elements: torch.Tensor, keys: list[str]) -> N
 
 def to_model_batch(batch: dict[str, Any], manifest: Manifest, device: torch.device | str,
                    non_blocking: bool = True) -> dict[str, Any]:
-    """Move a loader batch to ``device``, normalise integer modalities there and apply a pending ``d4``.
+    """Move a loader batch to ``device``, normalise integer modalities there, widen segmentation labels to int64
+    and apply a pending ``d4``: the result follows ``batch.check_batch`` (the model's contract).
 
     Same arithmetic as ``temporal.normalise`` (float32, log floor 1e-10, true division by a float32 scalar)."""
-    rasters = [*manifest.modalities, *(t.name for t in manifest.targets.values() if t.type == "segmentation")]
+    segmentation = {t.name: t for t in manifest.targets.values() if t.type == "segmentation"}
+    rasters = [*manifest.modalities, *segmentation]
     pending = "d4" in batch
     out: dict[str, Any] = {}
     for key, value in batch.items():
@@ -73,6 +81,11 @@ def to_model_batch(batch: dict[str, Any], manifest: Manifest, device: torch.devi
                     x = torch.log(torch.clamp_min(x, LOG_FLOOR))
                 # a 0-dim device tensor, not a Python scalar: CUDA turns scalar division into a reciprocal product
                 moved = x / torch.tensor(spec.norm_factor, dtype=torch.float32, device=x.device)
+            elif key in segmentation and moved.dtype == torch.uint8:  # stored classes -> training labels
+                table = torch.from_numpy(label_table(segmentation[key], 256).astype(np.int64)).to(moved.device)
+                moved = table[moved.long()]  # a new tensor: the D4 below may work in place
+            elif key in segmentation and moved.dtype != torch.int64:
+                moved = moved.to(torch.int64)
             elif pending and key in rasters and moved.data_ptr() == value.data_ptr():
                 moved = value.clone()  # the D4 below works in place: never on the caller's tensors
             value = moved

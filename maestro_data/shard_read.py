@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
 import re
 import tarfile
@@ -27,7 +28,9 @@ from maestro_data.manifest import Manifest
 from maestro_data.shards import INDEX_FORMAT, INDEX_NAME, INDEX_SCHEMA, tile_id_of
 
 MAX_NPY_HEADER = 4096
-_MEMBER = re.compile(r"^([A-Za-z0-9_%-]+)\.([A-Za-z0-9_]+)\.(npy)$|^([A-Za-z0-9_%-]+)\.(json)$")
+# THE member-name rule (the stream's reader imports it): ``<key>.<field>.npy`` -> groups 1, 2; ``<key>.json`` -> 4
+MEMBER = re.compile(r"^([A-Za-z0-9_%-]+)\.([A-Za-z0-9_]+)\.(npy)$|^([A-Za-z0-9_%-]+)\.(json)$")
+FIELD = re.compile(r"^[A-Za-z0-9_]+$")  # a member's field name (``json`` for the metadata)
 
 
 def _is_url(location: str) -> bool:
@@ -84,8 +87,17 @@ def check_manifest(index: dict, manifest: Manifest, location: str) -> None:
                          f"not from {manifest.name!r} ({manifest.sha256[:12]})")
 
 
-def _read_npy(data: bytes, name: str) -> np.ndarray:
-    f = io.BytesIO(data)
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # parsed headers, by their bytes
+_NPY_HEADERS_MAX = 4096
+
+
+def _npy_header(raw: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """dtype, shape, fortran order of an npy header, parsed by numpy with the size bound (cached by its bytes:
+    the headers of a dataset repeat)."""
+    cached = _NPY_HEADERS.get(raw)
+    if cached is not None:
+        return cached
+    f = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -98,12 +110,29 @@ def _read_npy(data: bytes, name: str) -> np.ndarray:
         raise ShardError(f"member {name}: not a valid npy array: {exc}") from exc
     if dtype.hasobject:
         raise ShardError(f"member {name}: object arrays (pickle) are refused")
-    count = int(np.prod(shape)) if shape else 1
-    body = f.read()
+    if len(_NPY_HEADERS) >= _NPY_HEADERS_MAX:  # bounded, whatever a shard holds
+        _NPY_HEADERS.clear()
+    _NPY_HEADERS[raw] = (dtype, tuple(shape), fortran)
+    return _NPY_HEADERS[raw]
+
+
+def decode_npy(data: bytes | bytearray | memoryview, name: str) -> np.ndarray:
+    """The array of one npy member as a view of ``data`` (no copy; read-only for bytes): the header is bounded
+    (``MAX_NPY_HEADER``) and parsed by numpy, object dtypes (pickle) are refused, the body size must match.
+    The one decoder of ``read_shard``/``verify`` and of the stream."""
+    view = memoryview(data)
+    if len(view) < 10 or view[:6] != b"\x93NUMPY" or view[6] not in (1, 2, 3):
+        raise ShardError(f"member {name}: not a valid npy array (bad magic)")
+    prefix = 10 if view[6] == 1 else 12
+    hlen = int.from_bytes(view[8:prefix], "little")
+    if hlen > MAX_NPY_HEADER or prefix + hlen > len(view):
+        raise ShardError(f"member {name}: not a valid npy array: header of {hlen} bytes is too long or truncated")
+    dtype, shape, fortran = _npy_header(bytes(view[:prefix + hlen]), name)
+    count = math.prod(shape)
+    body = view[prefix + hlen:]
     if len(body) != count * dtype.itemsize:
         raise ShardError(f"member {name}: npy body of {len(body)} bytes, expected {count * dtype.itemsize}")
-    array = np.frombuffer(body, dtype=dtype, count=count)
-    return array.reshape(shape, order="F" if fortran else "C")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
 
 
 def iter_samples(fileobj, origin: str) -> Iterator[dict]:
@@ -116,7 +145,7 @@ def iter_samples(fileobj, origin: str) -> Iterator[dict]:
                 name = member.name
                 if not member.isfile():
                     raise ShardError(f"{origin}: member {name!r} is not a regular file (links are refused)")
-                match = _MEMBER.match(name)
+                match = MEMBER.match(name)
                 if "/" in name or name.startswith("..") or not match:
                     raise ShardError(f"{origin}: member name {name!r} is not <key>.<field>.npy or <key>.json "
                                      "(path traversal and pickle members are refused)")
@@ -135,7 +164,7 @@ def iter_samples(fileobj, origin: str) -> Iterator[dict]:
                     except json.JSONDecodeError as exc:
                         raise ShardError(f"{origin}: member {name}: invalid JSON: {exc}") from exc
                 else:
-                    current[match.group(2)] = _read_npy(data, f"{origin}:{name}")
+                    current[match.group(2)] = decode_npy(data, f"{origin}:{name}")
     except tarfile.TarError as exc:
         raise ShardError(f"{origin}: corrupt or truncated tar: {exc}") from exc
     except EOFError as exc:

@@ -12,6 +12,13 @@ with key ``K`` (the tile id percent-encoded so that it has no ``.`` or ``/``, wh
 lon, lat, reference date). Tiles are written in a seeded random order so every shard is a random sample of its
 tier; bytes are a pure function of the store and the seed (fixed tar header fields), and each shard is written
 to a temporary name and renamed.
+
+Each shard entry of the index may carry ``members`` (optional, additive; readers of indexes without it scan the
+tar headers instead): ``{"fields": [f, ...], "samples": [[start, off_1, size_1, ..., off_n, size_n], ...]}``,
+per sample the byte offset of its first tar header and, per field in ``fields`` order, the offset of the member's
+data relative to ``start`` and its size (``json`` = the metadata member). It is written only when every sample
+of the shard has the same fields in the same order (always, for shards written here), so a stream reader seeks
+straight to a sample with no per-process scan of the headers.
 """
 
 from __future__ import annotations
@@ -97,12 +104,28 @@ class _ShardWriter:
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._entry = {"url": rel, "samples": 0, "bytes": 0, "sha256": "", "keys": [], "tile_ids": []}
+        self._fields: list[str] | None = None
+        self._layouts: list[list[int]] | None = []
 
     def add(self, tile_id: str, members: list[tuple[str, bytes]]) -> None:
         if self._tar is None:
             self._open()
+        key = sample_key(tile_id)
+        start = self._tar.offset
+        layout, fields = [start], []
         for name, data in members:
             self._tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
+            # the data ends the member, padded to whole 512-byte blocks (tarfile's layout)
+            blocks = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            layout += [self._tar.offset - blocks - start, len(data)]
+            fields.append(name[len(key) + 1:].removesuffix(".npy"))
+        if self._fields is None:
+            self._fields = fields
+        if self._layouts is not None:
+            if fields == self._fields:
+                self._layouts.append(layout)
+            else:  # a shard of mixed layouts: readers scan its headers
+                self._layouts = None
         self._entry["samples"] += 1
         self._entry["keys"].append(sample_key(tile_id))
         self._entry["tile_ids"].append(tile_id)
@@ -121,6 +144,8 @@ class _ShardWriter:
         os.replace(self._tmp, self._path)
         self._entry["bytes"] = self._path.stat().st_size
         self._entry["sha256"] = digest.hexdigest()
+        if self._layouts is not None and self._fields is not None:
+            self._entry["members"] = {"fields": self._fields, "samples": self._layouts}
         self.entries.append(self._entry)
         self._tar = None
 

@@ -42,10 +42,12 @@ ranks × workers): the split is over samples, not shards.
 batches of that epoch (skipped blocks are not read). Same world size and batch size required. ``set_epoch(e)`` with
 the restored epoch keeps the resume point; another epoch starts from its first batch.
 
-**Batches.** ``maestro_data/batch.py`` keys, plus ``valid`` bool [B], ``crop_index`` int64 [B], ``<mod>_missing``
-bool [B] (no date for that modality: zeros) and, with ``d4_on_device`` (default), ``d4`` int64 [B]: the D4 element
-of each row, applied to every raster and label by ``device.to_model_batch``, which also normalises integer
-modalities (``normalize_on_device``, default; measured faster). Always move batches with ``to_model_batch``.
+**Batches.** ``maestro_data/batch.py`` keys as ``batch.check_loader_batch`` allows them, plus ``valid`` bool [B],
+``crop_index`` int64 [B], ``<mod>_missing`` bool [B] (no date for that modality: zeros) and, with
+``d4_on_device`` (default), ``d4`` int64 [B]: the D4 element of each row, applied to every raster and label by
+``device.to_model_batch``, which also normalises integer modalities and maps the stored uint8 segmentation classes
+to int64 training labels (``normalize_on_device``, default; measured faster; without it labels arrive mapped, in
+int8). Always move batches with ``to_model_batch``: its output follows ``batch.check_batch``.
 
 **Accelerate / DDP.** Every rank builds its own loader (rank and world size default to torch.distributed) and
 moves batches with ``device.to_model_batch(batch, manifest, accelerator.device)``. Do NOT pass the loader to
@@ -63,7 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.collate import ArrayPool, BatchBuffer, SampleTransform, TransformOptions
 from maestro_data.device import to_model_batch, to_tensors
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest, parse_manifest
@@ -189,6 +191,7 @@ class _EpochJob:
     skip_batches: int
     on_error: str
     check_samples: bool
+    pool: ArrayPool | None = field(default=None, repr=False)
     reader: ShardReader | None = field(default=None, repr=False)
 
     def blocks(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
@@ -204,7 +207,7 @@ class _EpochJob:
         slots = self.plan.block(k)[skip * b:]
         spec = self.transform.output_spec()
         d4_key = self.transform.options.d4_on_device
-        buffers = [BatchBuffer(spec, b, d4_key) for _ in range(len(slots) // b)]
+        buffers = [BatchBuffer(spec, b, d4_key, self.pool) for _ in range(len(slots) // b)]
         repeats = self.transform.repeats
         need: dict[int, list[tuple[int, int]]] = {}
         for row, e in enumerate(slots.tolist()):
@@ -254,6 +257,9 @@ class StreamLoader:
         self.block_batches = max(1, window // config.batch_size)
         self.epoch = 0
         self.skipped: list[dict] = []
+        # batch memory recycled across blocks and epochs of this process (a block and the batch held by the
+        # consumer are in use while the next block is built)
+        self._pool = ArrayPool(keep=self.block_batches + 2)
         self._resume_at = 0
         self._consumed = 0
         self._plan: EpochPlan | None = None
@@ -299,7 +305,7 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict]:
         job = _EpochJob(self.plan(self.epoch), self.table, self.manifest, self.transform, self._resume_at,
-                        self.config.on_error, self.config.check_samples)
+                        self.config.on_error, self.config.check_samples, self._pool)
         self._consumed, self._resume_at = self._resume_at, 0
         self.skipped = []
         if self.config.num_workers == 0:
@@ -313,9 +319,11 @@ class StreamLoader:
             for s in item["skipped"]:
                 log.warning("skipped %s crop %s: %s", s["tile_id"], s["crop"], s["reason"])
             self.skipped.extend(item["skipped"])
-            for batch in item["batches"]:
+            batches = item.pop("batches")
+            del item
+            while batches:  # handed over one by one: a batch the consumer dropped can be recycled by the pool
                 self._consumed += 1
-                yield batch
+                yield batches.pop(0)
 
 
 def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

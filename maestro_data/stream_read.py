@@ -1,16 +1,17 @@
 """The stream's view of a shard set: the tile table of a split/subset, and sequential reads of chosen samples.
 
-The safety rules are those of ``maestro_data.shard_read`` (its member-name pattern and npy header bound are reused):
-regular files only, ``<key>.<field>.npy`` / ``<key>.json`` names without paths, bounded npy headers parsed by numpy,
-object dtypes (pickle) refused, urls resolved relative to the index by ``shard_url`` (no ``pipe:``, no absolute
-urls). For speed the hot path does not go through ``tarfile``'s stream reader (10 KiB reads, two copies per
-member): a shard's tar headers are scanned once per process (no data read), then each sample is one read of its
-byte range and its arrays are ``np.frombuffer`` views of that buffer.
+The safety rules are those of ``maestro_data.shard_read`` (its ``MEMBER``/``FIELD`` name rules and its npy decoder
+``decode_npy`` are reused, not copied): regular files only, ``<key>.<field>.npy`` / ``<key>.json`` names without
+paths, bounded npy headers parsed by numpy, object dtypes (pickle) refused, urls resolved relative to the index by
+``shard_url`` (no ``pipe:``, no absolute urls). For speed the hot path does not go through ``tarfile``'s stream
+reader (10 KiB reads, two copies per member): each sample is one read of its byte range and its arrays are
+``np.frombuffer`` views of that buffer. The byte ranges come from the index's ``members`` layout
+(``shards.py``; checked here: field names, bounds, order) or, for indexes without it, from one scan of the
+shard's tar headers per process (no data read).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest
-from maestro_data.shard_read import _MEMBER, MAX_NPY_HEADER, check_sample, shard_url
+from maestro_data.shard_read import FIELD, MEMBER, check_sample, decode_npy, shard_url
 from maestro_data.shards import shard_entries, tile_id_of
 
 
@@ -34,6 +35,7 @@ class ShardTable:
     starts: np.ndarray  # (num_shards + 1,) int64
     keys: tuple[str, ...]
     tile_ids: tuple[str, ...]
+    layouts: tuple[dict | None, ...] = ()  # per shard: the index's "members" layout, or None (scan the headers)
 
     @property
     def num_shards(self) -> int:
@@ -53,7 +55,7 @@ class ShardTable:
 def load_table(index: dict, location: str, manifest: Manifest, split: str, subset: int) -> ShardTable:
     """The shards of ``split`` (``"pretrain"`` = the manifest's pretraining splits) restricted to ``subset`` %."""
     splits = manifest.splits.pretrain if split == "pretrain" else (split,)
-    urls, counts, keys, ids = [], [], [], []
+    urls, counts, keys, ids, layouts = [], [], [], [], []
     try:
         for name in splits:
             for entry in shard_entries(index, name, subset):
@@ -63,6 +65,7 @@ def load_table(index: dict, location: str, manifest: Manifest, split: str, subse
                 if entry["samples"] == 0:
                     continue
                 urls.append(shard_url(location, entry["url"]))
+                layouts.append(entry.get("members"))
                 counts.append(entry["samples"])
                 keys += entry["keys"]
                 ids += entry["tile_ids"]
@@ -71,7 +74,7 @@ def load_table(index: dict, location: str, manifest: Manifest, split: str, subse
     if not keys:
         raise StreamError(f"{location}: split {split!r} at subset {subset} % has no samples")
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ShardTable(location, tuple(urls), starts, tuple(keys), tuple(ids))
+    return ShardTable(location, tuple(urls), starts, tuple(keys), tuple(ids), tuple(layouts))
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def scan_shard(url: str) -> list[SampleSpan]:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 name = member.name
-                match = _MEMBER.match(name)
+                match = MEMBER.match(name)
                 if not member.isfile():
                     raise StreamError(f"{url}: member {name!r} is not a regular file (links are refused)")
                 if "/" in name or not match:
@@ -119,42 +122,52 @@ def scan_shard(url: str) -> list[SampleSpan]:
     return spans
 
 
-_SCANS: dict[str, list[SampleSpan]] = {}  # per process: a shard is scanned once, then read by byte ranges
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_SCANS: dict[str, list[SampleSpan]] = {}  # per process: a shard without a layout is scanned once
+_LAYOUT_SPANS: dict[str, bool] = {}  # whether _SCANS[url] came from the index layout (not yet confirmed)
 
 
-def _npy_header(raw: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], bool]:
-    """dtype, shape, fortran order of an npy header (parsed by numpy with a size bound, cached by its bytes)."""
-    if raw not in _NPY_HEADERS:
-        f = io.BytesIO(raw)
-        try:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f, max_header_size=MAX_NPY_HEADER)
-        except ValueError as exc:
-            raise StreamError(f"member {name}: not a valid npy array: {exc}") from exc
-        if dtype.hasobject:
-            raise StreamError(f"member {name}: object arrays (pickle) are refused")
-        _NPY_HEADERS[raw] = (dtype, tuple(shape), fortran)
-    return _NPY_HEADERS[raw]
+def _headers_match(view: memoryview, span: SampleSpan) -> bool:
+    """Whether the tar header in front of every member of ``span`` (in the sample's bytes ``view``) names that
+    member: the index layout is trusted only where the shard's own headers agree (a ustar header, as written by
+    ``shards.py``; anything else, e.g. a PAX long name, makes the reader fall back to a header scan)."""
+    for field, offset, _ in span.members:
+        name = (f"{span.key}.json" if field == "json" else f"{span.key}.{field}.npy").encode()
+        at = offset - span.start - tarfile.BLOCKSIZE
+        if at < 0 or len(name) >= 100 or view[at:at + len(name) + 1] != name + b"\0":
+            return False
+    return True
 
 
-def decode_npy(view: memoryview, name: str) -> np.ndarray:
-    """A read-only array over ``view`` (no copy); the header is bounded and object dtypes are refused."""
-    if len(view) < 10 or bytes(view[:6]) != b"\x93NUMPY" or view[6] not in (1, 2, 3):
-        raise StreamError(f"member {name}: not a valid npy array (bad magic)")
-    wide = view[6] != 1
-    prefix = 12 if wide else 10
-    hlen = int.from_bytes(view[8:prefix], "little")
-    if hlen > MAX_NPY_HEADER or prefix + hlen > len(view):
-        raise StreamError(f"member {name}: npy header of {hlen} bytes is too long or truncated")
-    dtype, shape, fortran = _npy_header(bytes(view[:prefix + hlen]), name)
-    count = int(np.prod(shape)) if shape else 1
-    body = view[prefix + hlen:]
-    if len(body) != count * dtype.itemsize:
-        raise StreamError(f"member {name}: npy body of {len(body)} bytes, expected {count * dtype.itemsize}")
-    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+def spans_from_layout(url: str, layout: dict, keys: list[str] | tuple[str, ...]) -> list[SampleSpan]:
+    """The samples of a shard from the index's ``members`` layout (see ``shards.py``), checked like a header scan:
+    field names by ``shard_read.FIELD``, non-negative sizes, members in order inside their sample, samples in
+    order without overlap, one layout per key."""
+    try:
+        fields = list(layout["fields"])
+        rows = layout["samples"]
+        bad = [f for f in fields if not isinstance(f, str) or not FIELD.match(f)]
+        if bad or len(set(fields)) != len(fields) or not fields:
+            raise StreamError(f"{url}: index layout has invalid field names {bad or fields!r}")
+        if len(rows) != len(keys):
+            raise StreamError(f"{url}: index layout lists {len(rows)} samples for {len(keys)} keys")
+        spans, previous_end = [], 0
+        for key, row in zip(keys, rows, strict=True):
+            if len(row) != 1 + 2 * len(fields) or not all(isinstance(v, int) and v >= 0 for v in row):
+                raise StreamError(f"{url}: index layout of sample {key!r} is not [start, offset, size, ...]")
+            start = row[0]
+            members = tuple((f, start + row[1 + 2 * i], row[2 + 2 * i]) for i, f in enumerate(fields))
+            position = start
+            for _, offset, size in members:
+                if offset < position:
+                    raise StreamError(f"{url}: index layout of sample {key!r} has overlapping members")
+                position = offset + size
+            if start < previous_end:
+                raise StreamError(f"{url}: index layout of sample {key!r} overlaps the previous sample")
+            spans.append(SampleSpan(key, start, position, members))
+            previous_end = position
+        return spans
+    except (KeyError, TypeError) as exc:
+        raise StreamError(f"{url}: malformed index layout: {exc!r}") from exc
 
 
 def decode_sample(view: memoryview, span: SampleSpan, url: str) -> dict:
@@ -219,8 +232,11 @@ class ShardReader:
         first = int(table.starts[shard])
         done = 0
         try:
+            layout = table.layouts[shard] if table.layouts else None
             if url not in _SCANS:
-                _SCANS[url] = scan_shard(url)
+                _SCANS[url] = (spans_from_layout(url, layout, table.keys[first:int(table.starts[shard + 1])])
+                               if layout is not None else scan_shard(url))
+                _LAYOUT_SPANS[url] = layout is not None
             spans = _SCANS[url]
             with fsspec.open(url, "rb") as f:
                 position = -1
@@ -237,7 +253,13 @@ class ShardReader:
                         f.seek(span.start)
                     position = span.end
                     # the sample's arrays view the reused buffer: valid until the next sample is requested
-                    sample = decode_sample(self._read_into(f, span.end - span.start), span, url)
+                    view = self._read_into(f, span.end - span.start)
+                    if _LAYOUT_SPANS[url] and not _headers_match(view, span):
+                        # the shard differs from its index (rewritten after indexing?): trust only its headers
+                        _SCANS[url], _LAYOUT_SPANS[url] = scan_shard(url), False
+                        yield from self._read_run(shard, run[done:])
+                        return
+                    sample = decode_sample(view, span, url)
                     done += 1
                     problem = None
                     if self.manifest is not None:

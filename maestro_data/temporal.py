@@ -129,6 +129,25 @@ def _masked_steps(data: np.ndarray, mask: np.ndarray | None, threshold: float, i
     return x
 
 
+def _nan_counts(data: np.ndarray, mask: np.ndarray | None, threshold: float, idx: np.ndarray) -> np.ndarray:
+    """``np.isnan(_masked_steps(...)).sum(axis=(2, 3, 4)).T`` (D, S), from per-step counts on the raw series:
+    the NaN of a step are its data NaN united with its masked pixels (on every channel)."""
+    t, c = data.shape[:2]
+    data_nan = np.isnan(data) if data.dtype.kind == "f" else None
+    if mask is None:
+        per_step = np.zeros(t, np.int64) if data_nan is None else data_nan.sum(axis=(1, 2, 3))
+        return per_step[idx]
+    cloudy = (mask > threshold).any(axis=1)  # (T, H, W)
+    if data_nan is None:
+        masked = c * cloudy.sum(axis=(1, 2))
+        clear = np.zeros(t, np.int64)
+    else:
+        masked = (data_nan | cloudy[:, None]).sum(axis=(1, 2, 3))
+        clear = data_nan.sum(axis=(1, 2, 3))
+    every_step_cloudy = cloudy.any(axis=(1, 2))[idx].all(axis=1)  # (D,): the bin ignores its mask
+    return np.where(every_step_cloudy[:, None], clear[idx], masked[idx])
+
+
 def _check_inputs(data: np.ndarray, mask: np.ndarray | None, bins: int) -> None:
     if data.ndim != 4:
         raise StreamError(f"temporal data must be (T, C, H, W), got shape {data.shape}")
@@ -161,16 +180,18 @@ def select_steps(data: np.ndarray, bins: int, *, mask: np.ndarray | None = None,
             raise StreamError(f"temporal offset {offset!r} given but T={t} <= D={bins} leaves nothing to truncate")
         return (np.arange(bins, dtype=np.int64) * t) // bins
     idx = bin_indices(t, bins, resolve_offset(t, bins, mode, rng, offset))
-    x = _masked_steps(data, mask, threshold, idx)
-    nan_count = np.isnan(x).sum(axis=(2, 3, 4)).T  # (D, S)
-    candidate = nan_count == nan_count.min(axis=1, keepdims=True)
     rows = np.arange(bins)
-    if mode == "train":
+    if mode == "train":  # only the NaN counts matter: counted on the raw steps, no float copy of the bins
+        nan_count = _nan_counts(data, mask, threshold, idx)
+        candidate = nan_count == nan_count.min(axis=1, keepdims=True)
         u = rng.random(bins)
         n_cand = candidate.sum(axis=1)
         k = np.minimum((u * n_cand).astype(np.int64), n_cand - 1)
         pick = np.argmax(np.cumsum(candidate, axis=1) > k[:, None], axis=1)  # the (k+1)-th candidate
         return idx[rows, pick]
+    x = _masked_steps(data, mask, threshold, idx)
+    nan_count = np.isnan(x).sum(axis=(2, 3, 4)).T  # (D, S)
+    candidate = nan_count == nan_count.min(axis=1, keepdims=True)
     dev = x - nanmedian_steps(x)[None]
     np.abs(dev, out=dev)
     seen = ~np.isnan(dev)
@@ -189,24 +210,44 @@ def apply_selection(data: np.ndarray, dates: np.ndarray, idx: np.ndarray) -> tup
     return data[idx], dates[idx]
 
 
-def fill_nonfinite(x: np.ndarray) -> np.ndarray:
+def fill_nonfinite(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Replace NaN/±inf of ``(D, C, H, W)`` float by the per-pixel, per-channel median of the finite steps,
-    then by 0 where no step is finite. Returns ``x`` itself when it is all finite."""
+    then by 0 where no step is finite. Returns ``x`` itself when it is all finite; with ``out`` (may be ``x``)
+    the result is written there."""
+    if np.isfinite(x).all():  # the common case: one pass, no temporary of x's size kept
+        if out is not None and out is not x:
+            out[...] = x
+        return x if out is None else out
     bad = ~np.isfinite(x)
-    if not bad.any():
-        return x
     clean = np.where(bad, np.nan, x)
     with np.errstate(invalid="ignore"):
         fill = nanmedian_steps(clean)  # (C, H, W)
     fill = np.where(np.isnan(fill), 0.0, fill).astype(x.dtype)
-    return np.where(bad, fill[None], x)
+    if out is None:
+        return np.where(bad, fill[None], x)
+    np.copyto(out, x)
+    np.copyto(out, np.broadcast_to(fill[None], x.shape), where=bad)
+    return out
 
 
-def normalise(x: np.ndarray, log_scale: bool, norm_factor: float, *, fill: bool = True) -> np.ndarray:
+def normalise(x: np.ndarray, log_scale: bool, norm_factor: float, *, fill: bool = True,
+              out: np.ndarray | None = None) -> np.ndarray:
     """Official order: float32, ``log(max(x, 1e-10))`` when ``log_scale``, then ``/ norm_factor``; then
-    (``fill=True``) non-finite values filled by ``fill_nonfinite`` so that no NaN reaches the model."""
-    out = np.array(x, dtype=np.float32, copy=True)
+    (``fill=True``) non-finite values filled by ``fill_nonfinite`` so that no NaN reaches the model.
+
+    ``out``: a float32 array of ``x``'s shape (e.g. a batch row) written in place and returned, with no
+    temporary of ``x``'s size; ``x`` may be any strided view. Same arithmetic, bit for bit (tested)."""
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != x.shape:
+        raise StreamError(f"normalise: out must be float32 {x.shape}, got {out.dtype}{out.shape}")
+    # every step is a float32 ufunc with its result in ``out``: integer inputs are cast exactly (<= 16 bits)
     if log_scale:
-        out = np.log(np.maximum(out, np.float32(LOG_FLOOR)))
-    out /= np.float32(norm_factor)
-    return fill_nonfinite(out) if fill else out
+        np.maximum(x, np.float32(LOG_FLOOR), out=out, dtype=np.float32)
+        np.log(out, out=out)
+        np.divide(out, np.float32(norm_factor), out=out)
+    else:
+        np.divide(x, np.float32(norm_factor), out=out, dtype=np.float32)
+    if fill:
+        fill_nonfinite(out, out=out)
+    return out

@@ -14,9 +14,9 @@ from fakes import MemorySource
 
 import maestro_data.build as build_mod
 from maestro_data.augment import d4_apply, d4_inverse
-from maestro_data.batch import check_batch
+from maestro_data.batch import BatchError, check_batch, check_loader_batch
 from maestro_data.build import BuildOptions, build_store, compute_subsets
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions, label_dtype, label_table
 from maestro_data.device import d4_apply_torch, to_model_batch
 from maestro_data.errors import StreamError
 from maestro_data.manifest import load_manifest
@@ -91,9 +91,18 @@ def test_every_dataset_and_split_follows_the_batch_contract(synthetic, dataset):
         batches = list(loader)
         assert len(batches) == len(loader) > 0
         for b in batches:
-            assert check_batch(manifest, b, targets=True) == 4
+            assert check_loader_batch(manifest, b, targets=True) == 4
             on_device = to_model_batch(b, manifest, "cpu")
-            check_batch(manifest, on_device, targets=True, values=True)
+            check_batch(manifest, on_device, targets=True, values=True)  # the model's contract: int64 labels
+            for t in manifest.targets.values():
+                if t.type == "segmentation":  # stored uint8 classes in the loader, refused by the model's check
+                    assert b[t.name].dtype == torch.uint8
+                    table = torch.from_numpy(label_table(t, 256).astype(np.int64))
+                    mapped = torch.stack([d4_apply_torch(table[x.long()], int(k)) for x, k in zip(
+                        b[t.name], b.get("d4", torch.zeros(4, dtype=torch.int64)), strict=True)])
+                    assert torch.equal(on_device[t.name], mapped)
+                    with pytest.raises(BatchError, match=f"{t.name}.*dtype uint8, expected int64"):
+                        check_batch(manifest, b, targets=True)
             assert all(on_device[m].dtype == torch.float32 for m in manifest.modalities)
         if mode == "eval":  # every (tile, crop) exactly once; PASTIS-HD: 64 crops per tile
             got = [(t, int(c)) for b in batches for t, c, v in zip(b["tile_id"], b["crop_index"], b["valid"],
@@ -205,6 +214,9 @@ def test_d4_is_shared_by_every_raster_and_the_labels(synthetic):
     kw = dict(mode="eval", batch_size=8, block_samples=64, seed=2)  # eval: D4 is on there too, 64 crops of a tile
     plain = run(index, "val", manifest, d4=False, **kw)
     device, host = (run(index, "val", manifest, d4_on_device=on, **kw) for on in (True, False))
+    all_host = run(index, "val", manifest, d4_on_device=False, normalize_on_device=False, **kw)
+    assert device[0]["pastis_seg"].dtype == torch.uint8 and all_host[0]["pastis_seg"].dtype == torch.int8
+    all_host = rows([to_model_batch(b, manifest, "cpu") for b in all_host])
     assert "d4" in device[0] and "d4" not in host[0]
     moved = [to_model_batch(b, manifest, "cpu") for b in device]
     assert "d4" not in moved[0] and "d4" in device[0]  # applied once; the loader's batch is left untouched
@@ -212,8 +224,9 @@ def test_d4_is_shared_by_every_raster_and_the_labels(synthetic):
     flipped = rows(moved)
     host = rows([to_model_batch(b, manifest, "cpu") for b in host])
     assert plain.keys() == flipped.keys() == host.keys()
-    for key, row in host.items():  # host D4 == device D4
+    for key, row in host.items():  # host D4 == device D4, host label mapping == device label mapping
         assert all(np.array_equal(row[m], flipped[key][m]) for m in (*manifest.modalities, "pastis_seg")), key
+        assert all(np.array_equal(row[m], all_host[key][m]) for m in row), key
     rasters = [*manifest.modalities, *manifest.targets]
     used = set()
     for key, row in plain.items():
@@ -330,15 +343,19 @@ def test_short_and_empty_series_give_finite_rows_without_nan():
 
 def test_segmentation_ignore_classes_become_the_missing_value():
     manifest = load_manifest("flair2")
-    transform = SampleTransform(manifest, TransformOptions(mode="eval", d4=False))
+    transform = SampleTransform(manifest, TransformOptions(mode="eval", d4=False, normalize_on_device=False))
     labels = (np.arange(512 * 512) % 19).astype(np.uint8).reshape(512, 512)
-    for k in (0, 5):  # the fast uint8 path and the general one
-        out = np.zeros((512, 512), np.int64)
-        transform._segmentation(labels, manifest.targets["cosia"], out, k)
-        out = d4_apply(out, d4_inverse(k))
-        for cls in range(19):
-            want = manifest.targets["cosia"].missing_value if cls in manifest.targets["cosia"].ignore else cls
-            assert set(np.unique(out[labels == cls]).tolist()) == {want}
+    assert label_dtype(manifest.targets["cosia"]) == np.int8
+    wide = labels.astype(np.uint16)
+    wide[0, :7] = 300  # no class: missing too
+    for raw in (labels, wide):  # the uint8 table and the general path
+        for k in (0, 5):  # with and without a host D4
+            out = np.zeros((512, 512), label_dtype(manifest.targets["cosia"]))
+            transform._segmentation(raw, manifest.targets["cosia"], out, k)
+            out = d4_apply(out, d4_inverse(k))
+            for cls in np.unique(raw).tolist():
+                want = manifest.targets["cosia"].missing_value if cls in manifest.targets["cosia"].ignore else cls
+                assert set(np.unique(out[raw == cls]).tolist()) == ({-1} if cls == 300 else {want})
 
 
 @pytest.fixture(scope="module")
@@ -365,14 +382,103 @@ def test_real_tile_through_store_shards_stream_equals_the_official_reader(real_s
         np.testing.assert_array_equal(batch[f"{m}_dates"][0].numpy(), expected[f"{m}_dates"], err_msg=m)
 
 
-def test_in_place_normalisation_equals_temporal_normalise():
-    from maestro_data.collate import normalise_in_place
+def _reference_normalise(x: np.ndarray, log_scale: bool, norm_factor: float) -> np.ndarray:
+    """The official order written out with temporaries: float32 copy, log floor + log, / factor, NaN fill."""
+    from maestro_data.temporal import LOG_FLOOR, fill_nonfinite
+
+    out = np.array(x, dtype=np.float32, copy=True)
+    if log_scale:
+        out = np.log(np.maximum(out, np.float32(LOG_FLOOR)))
+    out /= np.float32(norm_factor)
+    return fill_nonfinite(out)
+
+
+def test_normalise_into_a_row_equals_the_reference_bit_for_bit():
     from maestro_data.temporal import normalise
 
     rng = np.random.default_rng(1)
     x = rng.random((3, 2, 70, 70), dtype=np.float32) * 3
     x[0, 0, 5, 5], x[1, 1, 0, 0], x[2, 0, 1, 1] = np.nan, np.inf, 0.0
-    for log_scale in (False, True):
-        got = x.copy()
-        normalise_in_place(got, log_scale, 5.0)
-        np.testing.assert_array_equal(got, normalise(x, log_scale, 5.0))
+    ints = rng.integers(0, 60000, (3, 2, 70, 70)).astype(np.uint16)
+    for data in (x, ints, x[:, :, ::-1, :].swapaxes(-1, -2)):  # a strided D4 view too
+        for log_scale in (False, True):
+            want = _reference_normalise(data, log_scale, 5.0)
+            out = np.full(data.shape, 7.0, np.float32)
+            assert normalise(data, log_scale, 5.0, out=out) is out
+            np.testing.assert_array_equal(out, want)
+            np.testing.assert_array_equal(normalise(data, log_scale, 5.0), want)
+    with pytest.raises(StreamError, match="out must be float32"):
+        normalise(x, False, 5.0, out=np.zeros(x.shape, np.float64))
+
+
+def test_index_layout_replaces_the_header_scan_and_reads_the_same(mem, tmp_path, monkeypatch):
+    import json
+
+    import maestro_data.stream_read as stream_read
+
+    index = json.loads((mem / "index.json").read_text())
+    entries = [e for s in index["splits"].values() for t in s["tiers"].values() for e in t]
+    assert entries and all(len(e["members"]["samples"]) == e["samples"] for e in entries)
+    assert "json" in entries[0]["members"]["fields"]
+    kw = dict(batch_size=4, block_samples=8, seed=3)
+    monkeypatch.setattr(stream_read, "_SCANS", {})
+    monkeypatch.setattr(stream_read, "scan_shard", lambda url: pytest.fail(f"scanned {url}"))
+    with_layout = run(mem, **kw)
+    old = _copy(mem, tmp_path / "old")  # an index written before layouts existed: scanned, same batches
+    for e in (e for s in index["splits"].values() for t in s["tiers"].values() for e in t):
+        del e["members"]
+    (old / "index.json").write_text(json.dumps(index))
+    monkeypatch.undo()
+    assert same_batches(with_layout, run(old, **kw))
+
+
+def test_a_layout_that_disagrees_with_the_shard_is_refused_or_rescanned(mem, tmp_path):
+    import json
+
+    from maestro_data.stream_read import spans_from_layout
+
+    index = json.loads((mem / "index.json").read_text())
+    entry = index["splits"]["val"]["tiers"]["100"][0]
+    layout, keys = entry["members"], entry["keys"]
+    assert len(spans_from_layout("x.tar", layout, keys)) == len(keys)
+    for bad, message in (({**layout, "fields": ["../s2", *layout["fields"][1:]]}, "invalid field names"),
+                         ({**layout, "samples": layout["samples"][:-1]}, "samples for"),
+                         ({**layout, "samples": [[-1, *layout["samples"][0][1:]]] + layout["samples"][1:]},
+                          "not \\[start"),
+                         ({"fields": layout["fields"]}, "malformed")):
+        with pytest.raises(StreamError, match=message):
+            spans_from_layout("x.tar", bad, keys)
+    # a layout shifted by one tar block: the tar headers disagree, the reader falls back to scanning the shard
+    shifted = _copy(mem, tmp_path / "shifted")
+    entry["members"]["samples"] = [[r[0] + 512, *r[1:]] for r in entry["members"]["samples"]]
+    (shifted / "index.json").write_text(json.dumps(index))
+    assert same_batches(run(shifted, "val", mode="eval"), run(mem, "val", mode="eval"))
+
+
+def test_batch_memory_is_recycled_only_once_released_and_padding_rows_are_zero():
+    from maestro_data.collate import POOL_MIN_BYTES, ArrayPool
+
+    pool = ArrayPool(keep=1)
+    shape = (POOL_MIN_BYTES,)
+    a = pool.empty(shape, np.uint8)
+    a[...] = 7
+    b = pool.empty(shape, np.uint8)  # a is alive: fresh memory
+    assert not np.shares_memory(a, b)
+    held = torch.from_numpy(a)
+    base = a.base
+    del a
+    c = pool.empty(shape, np.uint8)  # the tensor still holds a's memory
+    assert not np.shares_memory(c, base)
+    del held
+    d = pool.empty(shape, np.uint8)  # released: recycled
+    assert np.shares_memory(d, base) and d.max() == 7
+    assert pool.empty((4,), np.uint8).base is None  # small arrays bypass the pool
+    transform = SampleTransform(TREESAT, TransformOptions())
+    buffer = BatchBuffer(transform.output_spec(), 2, d4_key=True, pool=ArrayPool())
+    for v in buffer.arrays.values():
+        v.fill(1) if v.dtype != bool else v.fill(True)
+    buffer.arrays["valid"][:] = [True, False]
+    out = buffer.as_dict()
+    assert all(not np.any(v[1]) for k, v in out.items() if k not in ("tile_id", "crop_index"))
+    assert out["crop_index"].tolist() == [1, -1]
+    assert all(np.all(v[0] == 1) for k, v in out.items() if k not in ("tile_id", "valid", "d4", "crop_index"))

@@ -244,3 +244,21 @@ def test_work_dtype_is_exact():
     assert work_dtype(np.uint16) is np.float32 and work_dtype(np.int16) is np.float32
     assert work_dtype(np.float32) is np.float32 and work_dtype(np.uint8) is np.float32
     assert work_dtype(np.int32) is np.float64 and work_dtype(np.float64) is np.float64
+
+
+@given(steps=st.integers(2, 30), bins=st.integers(1, 6), nan_rate=st.sampled_from([0.0, 0.2, 0.9]),
+       cloud_rate=st.sampled_from([0.0, 0.1, 0.6, 1.0]), floats=st.booleans(), seed=st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_train_nan_counts_equal_those_of_the_masked_float_bins(steps, bins, nan_rate, cloud_rate, floats, seed):
+    from maestro_data.temporal import _masked_steps, _nan_counts
+
+    if steps < bins:
+        return
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 1000, (steps, 3, 4, 4)).astype(np.float32 if floats else np.uint16)
+    if floats:
+        data[rng.random(data.shape) < nan_rate] = np.nan
+    for mask in (None, (rng.random((steps, 2, 4, 4)) < cloud_rate).astype(np.uint8) * 60):
+        idx = bin_indices(steps, bins, steps % bins)
+        want = np.isnan(_masked_steps(data, mask, 50.0, idx)).sum(axis=(2, 3, 4)).T
+        np.testing.assert_array_equal(_nan_counts(data, mask, 50.0, idx), want)
