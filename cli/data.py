@@ -10,20 +10,10 @@ from pathlib import Path
 
 import click
 
-from maestro_data.errors import MaestroError
+from maestro_cli.common import CleanErrors
 from maestro_data.manifest import builtin_manifests, load_manifest
 
 DATASETS = builtin_manifests()
-
-
-class _CleanErrors(click.Group):
-    """Print library errors as one line without a traceback and exit non-zero."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MaestroError as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -32,7 +22,7 @@ def _setup_logging(quiet: bool) -> None:
     warnings.showwarning = lambda message, category, *_a, **_k: click.echo(f"warning: {message}", err=True)
 
 
-@click.group(cls=_CleanErrors)
+@click.group(cls=CleanErrors)
 @click.version_option(package_name="maestro")
 def main() -> None:
     """Prepare MAESTRO datasets: raw layout -> zarr tile store -> subsets -> WebDataset shards."""

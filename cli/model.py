@@ -8,19 +8,13 @@ from typing import Any
 
 import click
 
+from maestro_cli.common import CleanErrors
 from maestro_data.errors import MaestroError
 from maestro_data.manifest import Manifest, load_manifest
 from maestro_model import flops as F
 
 SIZE_CHOICES = [*F.MODEL_SIZES, *F.SIZE_ALIASES]
 FORMULA_PHASES = ("pretrain", "finetune")
-
-
-def _manifest(dataset: str) -> Manifest:
-    try:
-        return load_manifest(dataset)
-    except MaestroError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _measure(manifest: Manifest, size: str, fusion: str, multispectral: str, inter_depth: int | None,
@@ -90,7 +84,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.1f}{unit}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """MAESTRO model accounting: FLOPs (paper formula vs our implementation), parameters, tokens."""
 
@@ -100,7 +94,7 @@ def main() -> None:
 def flops(dataset: str, size: str, fusion: str, multispectral: str, inter_depth: int | None, measure: bool,
           device: str, as_json: bool) -> None:
     """Forward GFLOPs per sample: the paper's §9.1 formula next to the flop counter on our model."""
-    manifest = _manifest(dataset)
+    manifest = load_manifest(dataset)
     report = flops_report(manifest, size, fusion, multispectral, inter_depth, measure, device)
     if as_json:
         click.echo(json.dumps(report))
@@ -128,7 +122,7 @@ def flops(dataset: str, size: str, fusion: str, multispectral: str, inter_depth:
 def info(dataset: str, size: str, fusion: str, multispectral: str, inter_depth: int | None, measure: bool,
          device: str, as_json: bool) -> None:
     """Tokens per modality and per encoder sequence (all and visible at pre-training), and parameters."""
-    manifest = _manifest(dataset)
+    manifest = load_manifest(dataset)
     try:
         tokens = F.modality_tokens(manifest, multispectral)
         seqs = F.encoder_sequences(manifest, fusion, multispectral)

@@ -13,20 +13,10 @@ from pathlib import Path
 
 import click
 
-from maestro_data.errors import MaestroError
+from maestro_cli.common import CleanErrors
 from maestro_model.config import PHASES, PRECISIONS, load_config, parse_value
 
 COMMANDS = {"pretrain": ("pretrain",), "probe": ("probe",), "finetune": ("finetune",), "run": PHASES}
-
-
-class _CleanErrors(click.Group):
-    """Print library errors as one line without a traceback and exit non-zero."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except MaestroError as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 def _main_process() -> bool:
@@ -119,7 +109,7 @@ def _run(command: str, config_path: Path | None, show_config: bool, **opts) -> N
                                                   for p, r in results.items()}, indent=1))
 
 
-@click.group(cls=_CleanErrors)
+@click.group(cls=CleanErrors)
 @click.version_option(package_name="maestro")
 def main() -> None:
     """Train MAESTRO with Accelerate: pretrain -> probe -> finetune (paper protocol, official defaults)."""
