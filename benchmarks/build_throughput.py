@@ -33,12 +33,12 @@ from numcodecs import Blosc, Zstd
 from maestro_data.build import BuildOptions, build_store
 from maestro_data.manifest import load_manifest
 from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.store import TileStore
+from maestro_data.store import TileStore, tree_bytes
 from maestro_data.synthetic.flair import generate
 
 
-def _tree_bytes(path: Path, suffix: str = "") -> int:
-    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
+def _tif_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.tif"))
 
 
 def compare_codecs(store: TileStore, tiles: int) -> dict:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         src = generate(tmp / "raw", tiles=args.tiles, seed=0, t_s2=50, t_s1=70, spot=False)
         gen_s = time.perf_counter() - t0
-        raw_tif = _tree_bytes(src, ".tif")
+        raw_tif = _tif_bytes(src)
         manifest = load_manifest("flair-hub")
         # process_time counts every thread of the process (zarr's event loop and codec/I-O threads, GDAL), so the
         # figure is CPU per core however the work is spread over threads
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         cpu, best, report = min(runs, key=lambda r: r[0])
         out = tmp / f"out{best}"
         store = TileStore(out)
-        store_bytes = _tree_bytes(store.path)
+        store_bytes = tree_bytes(store.path)
         print(f"generated {args.tiles} tiles in {gen_s:.1f} s; raw GeoTIFFs {raw_tif / 1e6:.1f} MB")
         print(f"convert: {report['seconds']:.2f} s wall, {cpu:.2f} s CPU (one process, least of {len(runs)}) -> "
               f"{args.tiles / cpu:.1f} tiles/s/core; store {store_bytes / 1e6:.1f} MB")

@@ -67,10 +67,11 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
                            quiet=quiet, block_tiles=block_tiles,
                            source=SourceOptions(split_set=split_set, fold=fold))
     report = build_store(manifest, src, out, options)
-    ratio = report["bytes_out"] / max(1, report["bytes_in"])
+    sizes = f"{report['bytes_out'] / 1e6:.1f} MB store"
+    if report["bytes_in"] is not None:
+        sizes = f"{report['bytes_in'] / 1e6:.1f} MB in -> {sizes} ({report['bytes_out'] / report['bytes_in']:.2f}x)"
     click.echo(f"built {report['tiles_written']} tiles of {dataset} in {report['seconds']:.1f} s "
-               f"({report['tiles_skipped']} skipped); {report['bytes_in'] / 1e6:.1f} MB in -> "
-               f"{report['bytes_out'] / 1e6:.1f} MB store ({ratio:.2f}x)")
+               f"({report['tiles_skipped']} skipped); {sizes}")
     nans = {m: n for m, n in report["nan_values"].items() if n}
     if nans:
         click.echo(f"NaN values kept (real data): {nans}")
@@ -85,12 +86,11 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         _echo_index(index, out / "shards")
 
 
-def _percents(text: str) -> tuple[float, ...]:
+def _percents(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of percentages") from None
-    return tuple(int(v) if v.is_integer() else v for v in values)
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole percentages") from None
 
 
 def _size(text: str) -> int:

@@ -9,7 +9,6 @@ writes. The store's ``complete`` attribute and ``report.json`` are written last.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
@@ -30,7 +29,7 @@ from maestro_data.errors import SourceError, StoreError
 from maestro_data.manifest import Manifest
 from maestro_data.sources import Source, SourceOptions, open_source
 from maestro_data.sources.base import GDAL_READ_OPTIONS
-from maestro_data.store import StorePlan, create_store, make_plan, write_block
+from maestro_data.store import StorePlan, create_store, make_plan, tree_bytes, write_block
 from maestro_data.tile import TileRef
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,6 @@ class BuildOptions:
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.workers < 1 or self.block_tiles < 1:
             raise ValueError("workers and block_tiles must be >= 1")
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):  # a file removed while we walk is simply not counted
-                total += os.stat(os.path.join(dirpath, f)).st_size
-    return total
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -204,19 +194,20 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0)
+    return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0,
+                   count_source=options.limit is None)
 
 
 def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePlan, skipped: list[dict],
-            seconds: float) -> dict:
+            seconds: float, count_source: bool) -> dict:
     markers = [json.loads(p.read_text()) for p in sorted((out / BUILD_DIR / "blocks").glob("*.json"))]
     if len(markers) != plan.num_blocks:
         raise StoreError(f"{store}: {len(markers)} of {plan.num_blocks} blocks converted; rerun with --resume")
     nan_values = {m: sum(mk["nan_values"].get(m, 0) for mk in markers) for m in manifest.modalities}
     skipped = skipped + [s for mk in markers for s in mk["skipped"]]
     written = sum(mk["tiles"] for mk in markers)
-    store_bytes = _tree_bytes(store)
-    src_bytes = _tree_bytes(src)
+    store_bytes = tree_bytes(store)
+    src_bytes = tree_bytes(src) if count_source else None  # a --limit trial reads a fraction of the tree
     report = {
         "dataset": manifest.name, "manifest_sha256": manifest.sha256, "toolkit_version": __version__,
         "source": str(src), "store": str(store), "tiles_written": written, "tiles_skipped": len(skipped),
@@ -229,21 +220,29 @@ def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePl
     return report
 
 
-def compute_subsets(store_path: str | Path, percents: tuple[float, ...] = (5, 20),
+def compute_subsets(store_path: str | Path, percents: tuple[int, ...] = (5, 20),
                     splits_from: str | Path | None = None) -> dict[str, dict[int, int]]:
     """Nested subsets per split (FPS on the tile positions, or MAESTRO's CSVs from ``splits_from``) into the store.
 
     Per split, not per phase: pretraining on p % reads the p % tiers of train and val, as MAESTRO's
-    ``train_filtered_p.csv`` + ``val_filtered_p.csv``; this keeps one copy of every tile in the shards."""
+    ``train_filtered_p.csv`` + ``val_filtered_p.csv``; this keeps one copy of every tile in the shards.
+    Percentages are whole numbers in (0, 100): they name the shard tiers, and the rest of a split is tier 100."""
     from maestro_data.store import TileStore, write_subsets
     from maestro_data.subsets import fps_subsets, read_split_csvs
 
+    bad = [p for p in percents if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 < p < 100]
+    if bad or len(set(percents)) != len(percents):
+        raise StoreError(f"subset percentages must be distinct whole numbers between 0 and 100 (exclusive), "
+                         f"got {list(percents)}")
     store = TileStore(store_path)
     ids = np.asarray(store.tile_ids, dtype=object)
     splits = store.manifest.splits.names
     if splits_from is not None:
         tiles = {t: s for t, s, v in zip(store.tile_ids, store.splits, store.valid, strict=True) if v}
-        chosen = read_split_csvs(splits_from, store.manifest, percents, tiles=tiles)
+        # fold-based datasets (PASTIS-HD) publish subsets per fold: {stage}_filtered_{p}_fold_{k}.csv
+        by_fold = store.manifest.splits.source == "folds"
+        fold = store.attrs["provenance"]["source_options"]["fold"] if by_fold else None
+        chosen = read_split_csvs(splits_from, store.manifest, percents, tiles=tiles, fold=fold)
         method = f"imported from {splits_from}"
     else:
         chosen = {}
@@ -263,7 +262,7 @@ def compute_subsets(store_path: str | Path, percents: tuple[float, ...] = (5, 20
                                  f"({len(missing)} tiles missing): subsets must be nested")
             taken = set(order)
             order += [i for i in (store.index(t) for t in members) if i not in taken]
-            counts[split][int(p) if float(p).is_integer() else p] = len(order)
+            counts[split][int(p)] = len(order)
         orders[split] = np.asarray(order, dtype=np.int64)
     write_subsets(store_path, orders, counts, method)
     return counts

@@ -113,6 +113,7 @@ class Manifest:
     modalities: dict[str, ModalitySpec] = field(hash=False)
     targets: dict[str, TargetSpec] = field(hash=False)
     sha256: str = ""
+    storage_sha256: str = ""
     text: str = field(default="", repr=False, compare=False, hash=False)
 
     @property
@@ -357,12 +358,34 @@ def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
     splits = SplitSpec(names=names, pretrain=pretrain, source=sr.get("source", str),
                        options=dict(sr.get("options", dict, {})))
     canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    storage = json.dumps(_storage_fields(raw), sort_keys=True, separators=(",", ":"), default=str)
     return Manifest(
         name=r.get("name", str), title=r.get("title", str, raw.get("name", "")), tile_m=tile_m, crop_m=crop_m,
         grid_pos_enc=grid_pos_enc, ref_input=ref_input, reference_date=reference_date,
         location_crs=r.get("location_crs", str), splits=splits, modalities=modalities, targets=targets,
-        sha256=hashlib.sha256(canonical.encode()).hexdigest(), text=text,
+        sha256=hashlib.sha256(canonical.encode()).hexdigest(),
+        storage_sha256=hashlib.sha256(storage.encode()).hexdigest(), text=text,
     )
+
+
+# What a build writes depends only on these keys; everything else (bins, crops, normalisation, band selection,
+# groups, thresholds, ignored labels) is applied at stream time, so a manifest differing elsewhere reads the same
+# store and shards without a rebuild.
+_STORED_MODALITY_KEYS = ("source", "dtype", "bands", "resolution_m")
+_STORED_MASK_KEYS = ("source", "bands", "dtype")
+_STORED_TARGET_KEYS = ("type", "source", "classes", "dtype", "resolution_m")
+
+
+def _storage_fields(raw: dict) -> dict:
+    mods = {}
+    for name, m in raw["modalities"].items():
+        entry = {k: m.get(k) for k in _STORED_MODALITY_KEYS}
+        if "cloud_mask" in m:
+            entry["cloud_mask"] = {k: m["cloud_mask"].get(k) for k in _STORED_MASK_KEYS}
+        mods[name] = entry
+    targets = {name: {k: t.get(k) for k in _STORED_TARGET_KEYS} for name, t in raw.get("targets", {}).items()}
+    return {"name": raw["name"], "tile_m": raw["tile_m"], "location_crs": raw["location_crs"],
+            "reference_date": raw["reference_date"], "splits": raw["splits"], "modalities": mods, "targets": targets}
 
 
 def builtin_manifests() -> list[str]:

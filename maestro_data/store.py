@@ -24,8 +24,10 @@ rather than to a megabyte of zeros that every build would copy and compress.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +265,16 @@ def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[
         g.attrs.update({"counts": {str(p): int(c) for p, c in counts[split].items()}, "method": method})
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of every file below ``path`` (a file removed during the walk is not counted)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):  # a file removed while we walk is simply not counted
+                total += os.stat(os.path.join(dirpath, f)).st_size
+    return total
+
+
 def _store_path(path: str | Path) -> Path:
     path = Path(path)
     return path / "store.zarr" if (path / "store.zarr").is_dir() else path
@@ -367,7 +379,7 @@ class TileStore:
                 "dates_max": int(cnt.max()) if cnt.size else 0, "steps_total": int(cnt.sum()),
                 "cloud_mask": spec.cloud_mask is not None,
             }
-        size = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        size = tree_bytes(self.path)
         return {"path": str(self.path), "dataset": self.manifest.name, "manifest_sha256": self.manifest.sha256,
                 "tiles": int(self.valid.sum()), "skipped": int((~self.valid).sum()), "splits": splits,
                 "modalities": mods, "targets": list(self.manifest.targets), "bytes": size}

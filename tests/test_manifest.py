@@ -130,3 +130,16 @@ def test_user_copy_with_four_s2_bins(tmp_path):
     path.write_text(load_manifest("flair-hub").text.replace("temporal_bins = 16", "temporal_bins = 4"))
     m = load_manifest(path)
     assert m.modalities["s2"].temporal_bins == 4 and m.modalities["s2"].num_tokens == 100
+
+
+def test_storage_digest_ignores_stream_time_settings():
+    """A copy that only changes what the stream applies (bins, normalisation, thresholds, ignored labels) reads
+    the same store and shards; a change of what is stored (dtype, bands, sources, classes) does not."""
+    base = load_manifest("flair-hub")
+    stream_only = parse_manifest(base.text.replace("temporal_bins = 16", "temporal_bins = 4")
+                                 .replace("norm_factor = 5000.0", "norm_factor = 10000.0")
+                                 .replace("ignore = [15, 16, 17, 18]", "ignore = [15, 16, 17, 18, 0]"))
+    assert stream_only.sha256 != base.sha256 and stream_only.storage_sha256 == base.storage_sha256
+    for old, new in (('dtype = "uint16"', 'dtype = "int16"'), ('"B11", "B12"]', '"B11", "B13"]'),
+                     ('"undefined"]', '"other"]')):
+        assert parse_manifest(base.text.replace(old, new)).storage_sha256 != base.storage_sha256, new

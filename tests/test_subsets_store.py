@@ -64,3 +64,27 @@ def test_published_split_csvs_are_imported(store_path, tmp_path):
     _write_csv(csv_dir / "train_filtered_5.csv", ["no-such-tile"])
     with pytest.raises(StoreError, match="train_filtered_5.csv: 1 tile ids are not in the store"):
         compute_subsets(store_path, (5, 20), splits_from=csv_dir)
+
+
+@pytest.mark.parametrize("percents", [(5, 100), (2.5, 20), (0, 20), (20, 20)])
+def test_subset_percentages_must_name_distinct_tiers(store_path, percents):
+    with pytest.raises(StoreError, match="distinct whole numbers between 0 and 100"):
+        compute_subsets(store_path, percents)
+
+
+def test_pastis_subsets_are_imported_for_the_built_fold(tmp_path):
+    from maestro_data.sources import SourceOptions
+    from maestro_data.synthetic import generate
+
+    src = generate("pastis-hd", tmp_path / "raw", tiles=10, seed=4)
+    manifest = load_manifest("pastis-hd")
+    build_store(manifest, src, tmp_path / "out", BuildOptions(quiet=True, source=SourceOptions(fold=2)))
+    store = TileStore(tmp_path / "out")
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    for split in ("train", "val", "test"):
+        ids = [store.tile_ids[i] for i in store.split_indices(split)]
+        for p in (5, 20):
+            (csv_dir / f"{split}_filtered_{p}_fold_2.csv").write_text("image\n" + "".join(f"{t}\n" for t in ids[:1]))
+    counts = compute_subsets(tmp_path / "out", (5, 20), splits_from=csv_dir)
+    assert all(c == {5: 1, 20: 1} for split, c in counts.items() if len(store.split_indices(split)))

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from pyproj import Transformer
 from rasterio.errors import RasterioError
 
 from maestro_data.dates import dates_array
 from maestro_data.errors import SourceError
+from maestro_data.geo import bounds_centre_lonlat
 from maestro_data.manifest import Manifest
 from maestro_data.sources import gpkg
 from maestro_data.sources.base import (
@@ -131,12 +131,11 @@ class FlairHubSource(Source):
                 raise SourceError(f"target {name}: the FLAIR reader reads segmentation rasters, not {target.type!r}")
         self._loc_modality = manifest.ref_input or next(iter(manifest.modalities))
         self._tables: dict[str, DateTable] | None = None
-        self._transformers: dict[str, Transformer] = {}
         self.unsplit = 0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_tables"], state["_transformers"] = None, {}
+        state["_tables"] = None
         return state
 
     # -- layout and listing -------------------------------------------------------------------------------------
@@ -304,10 +303,7 @@ class FlairHubSource(Source):
             raise SourceError(f"modality {self._loc_modality}: GeoTIFF is not georeferenced (CRS {crs}, transform "
                               f"identity: {transform.is_identity}), cannot locate the tile", tile_id=ref.tile_id,
                               path=str(path))
-        key = crs.to_wkt()
-        if key not in self._transformers:
-            self._transformers[key] = Transformer.from_crs(key, "EPSG:4326", always_xy=True)
-        lon, lat = self._transformers[key].transform((bounds.left + bounds.right) / 2, (bounds.bottom + bounds.top) / 2)
+        lon, lat = bounds_centre_lonlat(bounds, crs.to_wkt())
         if not (np.isfinite(lon) and np.isfinite(lat)):
             raise SourceError(f"modality {self._loc_modality}: bounds {tuple(bounds)} do not map to lon/lat",
                               tile_id=ref.tile_id, path=str(path))
