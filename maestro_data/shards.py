@@ -62,7 +62,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(tile: Tile, store: TileStore) -> list[tuple[str, bytes]]:
+def sample_members(tile: Tile, dataset: str) -> list[tuple[str, bytes]]:
     """The (name, bytes) members of one tile's sample, in a fixed order."""
     key = sample_key(tile.tile_id)
     members = []
@@ -76,7 +76,7 @@ def sample_members(tile: Tile, store: TileStore) -> list[tuple[str, bytes]]:
     for name, target in tile.targets.items():
         members.append((f"{key}.{name}.npy", _npy_bytes(target)))
     meta = {"tile_id": tile.tile_id, "split": tile.split, "fold": tile.fold, "lon": tile.lon, "lat": tile.lat,
-            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": store.manifest.name}
+            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": dataset}
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
     return members
 
@@ -86,6 +86,28 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
     info.uname = info.gname = ""
     return info
+
+
+class _HashingFile:
+    """A binary file that hashes what is written, so a finished shard is never read back to be checksummed."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
 
 
 class _ShardWriter:
@@ -101,7 +123,7 @@ class _ShardWriter:
         self._path = self.out / rel
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self._path.with_name(self._path.name + ".tmp")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close
+        self._file = _HashingFile(self._tmp)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._entry = {"url": rel, "samples": 0, "bytes": 0, "sha256": "", "keys": [], "tile_ids": []}
         self._fields: list[str] | None = None
@@ -127,23 +149,17 @@ class _ShardWriter:
             else:  # a shard of mixed layouts: readers scan its headers
                 self._layouts = None
         self._entry["samples"] += 1
-        self._entry["keys"].append(sample_key(tile_id))
+        self._entry["keys"].append(key)
         self._entry["tile_ids"].append(tile_id)
         if self._file.tell() >= self.max_bytes:
             self._close()
 
     def _close(self) -> None:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        digest = hashlib.sha256()
-        with open(self._tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         os.replace(self._tmp, self._path)
-        self._entry["bytes"] = self._path.stat().st_size
-        self._entry["sha256"] = digest.hexdigest()
+        self._entry["bytes"] = self._file.size
+        self._entry["sha256"] = self._file.sha256.hexdigest()
         if self._layouts is not None and self._fields is not None:
             self._entry["members"] = {"fields": self._fields, "samples": self._layouts}
         self.entries.append(self._entry)
@@ -182,7 +198,7 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
             writer = _ShardWriter(out, split, tier, options.shard_bytes)
             for i in order:
                 tile = store.read_tile(int(i))
-                writer.add(tile.tile_id, sample_members(tile, store))
+                writer.add(tile.tile_id, sample_members(tile, store.manifest.name))
                 bar.update(1)
             tiers[tier] = writer.finish()
         _, counts = store.subsets(split)

@@ -139,29 +139,6 @@ def fps_subsets(tile_ids: Sequence[str], lon: Sequence[float] | np.ndarray, lat:
     return {p: ranked[:c] for p, c in counts.items()}
 
 
-def phase_subsets(tile_ids: Sequence[str], splits: Sequence[str], lon: Sequence[float] | np.ndarray,
-                  lat: Sequence[float] | np.ndarray, *, pretrain: Sequence[str] = ("train", "val"),
-                  percents: Iterable[float] = DEFAULT_PERCENTS, ellipsoid: bool = True,
-                  ) -> dict[str, dict[float, list[str]]]:
-    """Subsets per phase: ``"pretrain"`` = FPS over the union of the ``pretrain`` splits (the paper pretrains on
-    train ∪ val), and one entry per split name present (FPS within that split; probe/fine-tune use ``"train"``,
-    the official CSVs also filter val and test)."""
-    ps = _check_percents(percents)
-    if not (len(tile_ids) == len(splits) == len(lon) == len(lat)):
-        raise ValueError(f"{len(tile_ids)} tile ids, {len(splits)} split labels, {len(lon)} longitudes and "
-                         f"{len(lat)} latitudes: one of each per tile expected")
-    lon_a, lat_a = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
-    split_a = np.asarray([str(s) for s in splits], dtype=object)
-    ids = np.asarray([str(t) for t in tile_ids], dtype=object)
-    if "pretrain" in set(split_a.tolist()):
-        raise ValueError("a split may not be named 'pretrain': that name holds the pretraining subsets")
-    groups: dict[str, np.ndarray] = {"pretrain": np.isin(split_a, list(pretrain))}
-    for name in dict.fromkeys(split_a.tolist()):
-        groups[name] = split_a == name
-    return {name: fps_subsets(ids[sel].tolist(), lon_a[sel], lat_a[sel], ps, ellipsoid=ellipsoid)
-            for name, sel in groups.items()}
-
-
 def split_csv_name(stage: str, *, version: str | None = None, percent: float | None = None,
                    fold: int | None = None) -> str:
     """MAESTRO's split file name ``{stage}[_{version}][_filtered_{p}][_fold_{k}].csv``."""
@@ -196,8 +173,8 @@ def _read_ids(path: Path, column: str) -> list[str]:
 def read_split_csvs(directory: str | Path, dataset: str | Manifest, percents: Iterable[float] = DEFAULT_PERCENTS,
                     *, version: str | None = None, fold: int | None = None,
                     tiles: Mapping[str, str] | None = None) -> dict[str, dict[float, list[str]]]:
-    """Import MAESTRO's published subset CSVs as ``{stage: {p: ids}}`` plus ``"pretrain"`` = the union of the
-    pretrain stages (file order, as the official reader concatenates them).
+    """Import MAESTRO's published subset CSVs as ``{stage: {p: ids}}`` (pretraining on p % reads the p % lists
+    of the manifest's pretrain stages, as the official reader concatenates train and val).
 
     ``tiles`` (tile id -> split of the store) turns unknown ids and ids listed under another split into
     StoreError. FLAIR#2 reads ``{stage}_flair2_filtered_{p}.csv`` unless ``version`` says otherwise.
@@ -206,7 +183,6 @@ def read_split_csvs(directory: str | Path, dataset: str | Manifest, percents: It
     if name not in KEY_COLUMNS:
         raise StoreError(f"no split-CSV key column known for dataset {name!r} (known: {', '.join(KEY_COLUMNS)})")
     stages = dataset.splits.names if isinstance(dataset, Manifest) else ("train", "val", "test")
-    pretrain = dataset.splits.pretrain if isinstance(dataset, Manifest) else ("train", "val")
     version = CSV_VERSIONS.get(name) if version is None else version or None
     ps = _check_percents(percents)
     directory = Path(directory)
@@ -224,5 +200,4 @@ def read_split_csvs(directory: str | Path, dataset: str | Manifest, percents: It
                     raise StoreError(f"{path}: {len(other)} tiles belong to another split in the store, e.g. "
                                      f"{[(t, tiles[t]) for t in other[:5]]}")
             out[stage][p] = ids
-    out["pretrain"] = {p: [t for stage in pretrain if stage in out for t in out[stage][p]] for p in ps}
     return out

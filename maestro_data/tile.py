@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DATE_FIELDS = ("year", "day_of_year", "hour")
-
 
 @dataclass
 class Series:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from maestro_data.manifest import Manifest, parse_manifest
@@ -91,7 +91,13 @@ def read_state_dict(source: str | Path | Mapping, *, which: str = "model", trust
         name = str(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint file")
-        source = load_file(path) if path.suffix == ".safetensors" else _torch_load(path, trusted)
+        if path.suffix == ".safetensors":
+            try:
+                source = load_file(path)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        else:
+            source = _torch_load(path, trusted)
     if not isinstance(source, Mapping):
         raise CheckpointError(f"{name}: expected a state dict or a Lightning checkpoint, got {type(source).__name__}")
     state = source.get("state_dict", source)

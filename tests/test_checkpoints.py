@@ -140,3 +140,12 @@ def test_official_oracle_weights_as_lightning_checkpoint(tmp_path, case):
     group = build_model(dataset, "tiny", "group", **dims)
     with pytest.raises(CheckpointError, match=r"encoder_inter\.\* \(\d+\)"):
         load_weights(group, path, which="ema_model")
+
+
+def test_corrupt_safetensors_file_is_a_checkpoint_error(tmp_path):
+    from maestro_model.checkpoints import CheckpointError, load_weights
+
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="broken.safetensors: not a readable safetensors file"):
+        load_weights(tiny("treesatai-ts"), bad)

@@ -175,8 +175,9 @@ def test_generator_reproduces_the_real_file_format(syn):
         assert src.crs.to_epsg() == 25832 and src.res == pytest.approx((0.2, 0.2))
         assert [c.name for c in src.colorinterp] == ["red", "green", "blue", "alpha"]
         assert src.compression is None and src.interleaving.name == "pixel" and src.nodata is None
-    h5 = next((syn / "sentinel-ts").glob("*.h5"))
-    assert h5.name.rsplit("_", 1)[0] == tif.stem
+    matches = list((syn / "sentinel-ts").glob(f"{tif.stem}_*.h5"))  # one <IMG_ID>_<YYYY>.h5 per aerial tile
+    assert len(matches) == 1 and len(matches[0].stem.rsplit("_", 1)[1]) == 4
+    h5 = matches[0]
     with h5py.File(h5, "r") as f:
         assert tuple(sorted(f)) == H5_NAMES and not dict(f.attrs)
         for name in H5_NAMES:

@@ -15,7 +15,6 @@ from maestro_data.subsets import (
     fps_subsets,
     furthest_point_order,
     geocentric,
-    phase_subsets,
     read_split_csvs,
     split_csv_name,
     subset_count,
@@ -146,21 +145,6 @@ def test_tiny_and_empty_inputs():
         furthest_point_order(line([0, 1]), 3)
 
 
-def test_phase_subsets_pretrain_uses_train_and_val():
-    rng = np.random.default_rng(3)
-    n = 60
-    ids = [f"id{i}" for i in range(n)]
-    splits = ["train"] * 30 + ["val"] * 20 + ["test"] * 10
-    lon, lat = rng.uniform(0, 5, n), rng.uniform(44, 48, n)
-    out = phase_subsets(ids, splits, lon, lat, pretrain=load_manifest("flair-hub").splits.pretrain)
-    assert set(out) == {"pretrain", "train", "val", "test"}
-    assert len(out["pretrain"][20]) == 10 and len(out["train"][20]) == 6 and len(out["test"][5]) == 1  # 0.5 rounds up
-    assert not set(out["pretrain"][20]) & set(ids[50:])
-    assert set(out["train"][20]) <= set(ids[:30]) and set(out["val"][20]) <= set(ids[30:50])
-    train_only = [i for i, s in enumerate(splits) if s == "train"]
-    assert out["train"] == fps_subsets([ids[i] for i in train_only], lon[train_only], lat[train_only])
-
-
 def write_csv(path, header, rows, sep=","):
     path.write_text("\n".join([sep.join(header), *(sep.join(r) for r in rows)]) + "\n", encoding="utf-8")
 
@@ -182,7 +166,6 @@ def test_read_treesat_csvs(tmp_path):
                       [[f"{t}.tif", f"{t}_2019.h5", "20190701"] for t in names])
     out = read_split_csvs(tmp_path, load_manifest("treesatai-ts"), tiles=tiles)
     assert out["train"] == {5: ["train_0"], 20: ["train_0", "train_1", "train_2"]}
-    assert out["pretrain"][20] == ["train_0", "train_1", "train_2", "val_0", "val_1", "val_2"]
     tiles["val_1"] = "test"
     with pytest.raises(StoreError, match="another split"):
         read_split_csvs(tmp_path, "treesatai-ts", tiles=tiles)

@@ -250,7 +250,11 @@ class TreeSatAITSSource(Source):
     def _h5_index(self) -> dict[str, list[str]]:
         """IMG_ID -> its ``<IMG_ID>_<year>.h5`` files, from one listing (a glob per tile is quadratic)."""
         index: dict[str, list[str]] = {}
-        for name in sorted(p.name for p in (self.root / TS_DIR).iterdir()):
+        folder = self.root / TS_DIR
+        if not folder.is_dir():
+            raise SourceError(f"not TreeSatAI-TS: missing {TS_DIR}/ (the Sentinel time-series HDF5 files)",
+                              path=str(self.root))
+        for name in sorted(p.name for p in folder.iterdir()):
             if name.endswith(".h5") and "_" in name:
                 index.setdefault(name.rsplit("_", 1)[0], []).append(name)
         return index

@@ -22,6 +22,7 @@ from pyproj import CRS
 from maestro_data.manifest import Manifest, load_manifest
 from maestro_data.sources.flair import MTD_DIR, SPLIT_GPKG, date_gpkg_name, date_table_key, mod_token
 from maestro_data.sources.gpkg import polygon_blob, write_feature_gpkg
+from maestro_data.synthetic import smooth_fields
 
 EPSG = 2154
 # (domain-year, Lambert-93 x, y of the domain's first ROI, ground elevation m): departments of the official toy set
@@ -59,22 +60,6 @@ def patch_square(patch_id: str) -> tuple[float, float, float]:
     return x + 3_000.0 * k + (c - 1) * side, y - (r - 1) * side, side
 
 
-_WEIGHTS: dict[tuple[int, int], np.ndarray] = {}
-
-
-def smooth(rng: np.random.Generator, lead: tuple[int, ...], size: int, cells: int) -> np.ndarray:
-    """(*lead, size, size) float32 fields in about [-1, 1]: coarse Gaussian noise upsampled bilinearly."""
-    if (size, cells) not in _WEIGHTS:
-        pos = np.linspace(0, cells, size)
-        low = np.minimum(pos.astype(int), cells - 1)
-        w = np.zeros((size, cells + 1), np.float32)
-        w[np.arange(size), low] = 1 - (pos - low)
-        w[np.arange(size), low + 1] = pos - low
-        _WEIGHTS[size, cells] = w
-    w = _WEIGHTS[size, cells]
-    return w @ (rng.standard_normal((*lead, cells + 1, cells + 1), dtype=np.float32) * 0.6) @ w.T
-
-
 def _steps(rng: np.random.Generator, mean: int) -> int:
     return max(1, int(round(mean * rng.uniform(0.8, 1.2))))
 
@@ -88,30 +73,30 @@ def _series_dates(rng: np.random.Generator, year: int, steps: int) -> list[str]:
 def _rasters(rng: np.random.Generator, mod: str, steps: int, size: int, elev: float) -> np.ndarray:
     """Values of one file as written: (bands, size, size) in the file dtype, time-major for series."""
     if mod == "AERIAL_RGBI":
-        f = smooth(rng, (4,), size, 8) * 70 + rng.standard_normal((4, size, size), dtype=np.float32) * 6
+        f = smooth_fields(rng, (4,), size, 8) * 70 + rng.standard_normal((4, size, size), dtype=np.float32) * 6
         return np.clip(f + np.array([110, 115, 100, 140], np.float32)[:, None, None], 0, 255).round().astype("uint8")
     if mod == "DEM_ELEV":
-        dtm = elev + smooth(rng, (), size, 4) * 15
-        dsm = dtm + 0.05 + np.clip(smooth(rng, (), size, 16) * 12, 0, None)  # buildings/trees: DSM > DTM
+        dtm = elev + smooth_fields(rng, (), size, 4) * 15
+        dsm = dtm + 0.05 + np.clip(smooth_fields(rng, (), size, 16) * 12, 0, None)  # buildings/trees: DSM > DTM
         return np.round(np.stack([dsm, dtm]).astype(np.float64), 2).astype("float32")  # metres, rounded to cm
     if mod == "AERIAL_LABEL-COSIA":
-        cls = np.argmax(smooth(rng, (19,), size // 4, 6), axis=0).astype("uint8")
+        cls = np.argmax(smooth_fields(rng, (19,), size // 4, 6), axis=0).astype("uint8")
         return np.repeat(np.repeat(cls, 4, axis=0), 4, axis=1)[None]
     if mod == SPOT[0]:
-        return (smooth(rng, (SPOT[1],), size, 6) * 300 + 800).clip(1, None).round().astype(SPOT[3])
+        return (smooth_fields(rng, (SPOT[1],), size, 6) * 300 + 800).clip(1, None).round().astype(SPOT[3])
     season = np.sin(np.linspace(0, np.pi, steps, dtype=np.float32))[:, None, None, None]
     if mod == "SENTINEL2_TS":
         base = np.array([400, 650, 600, 1100, 2000, 2400, 2700, 2800, 1900, 1100], np.float32)[:, None, None]
-        f = base * (1 + 0.25 * smooth(rng, (steps, 10), size, 3) + 0.3 * season)
+        f = base * (1 + 0.25 * smooth_fields(rng, (steps, 10), size, 3) + 0.3 * season)
         cloudy = rng.random(steps) < 0.2
         f[cloudy] += 4000
         return f.clip(1, 18_000).round().astype("uint16").reshape(steps * 10, size, size)
     if mod == "SENTINEL2_MSK-SC":
-        prob = np.clip(smooth(rng, (steps, 2), size, 2) * 120 - 20, 0, 100)
+        prob = np.clip(smooth_fields(rng, (steps, 2), size, 2) * 120 - 20, 0, 100)
         prob[rng.random(steps) < 0.5] = 0  # most dates clear
         return prob.round().astype("uint8").reshape(steps * 2, size, size)
     if mod.startswith("SENTINEL1"):
-        db = np.array([-11.0, -18.0], np.float32)[:, None, None] + 2.5 * smooth(rng, (steps, 2), size, 3)
+        db = np.array([-11.0, -18.0], np.float32)[:, None, None] + 2.5 * smooth_fields(rng, (steps, 2), size, 3)
         lin = (10.0 ** (db / 10)).astype("float32")
         lin[rng.random(lin.shape) < 0.01] = np.nan  # border/no-data pixels occur in real S1 tifs
         return lin.reshape(steps * 2, size, size)

@@ -18,24 +18,13 @@ from rasterio.transform import Affine
 
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec, load_manifest
 from maestro_data.sources.pastis_hd import METADATA, dates_property
+from maestro_data.synthetic import smooth_fields
 
 FIRST_DAY, LAST_DAY = date(2018, 9, 1), date(2019, 11, 1)  # PASTIS acquisition window
 STEPS = (20, 30)  # time steps per series (real: S2 38-61, S1 ~70), kept small for speed
 S2_TILES = ("T30UXV", "T31TFJ", "T31TFM", "T32ULU")  # the four S2 tiles PASTIS covers
 _X_RANGE, _Y_RANGE = (600_000, 1_000_000), (6_300_000, 6_900_000)  # Lambert-93 metres, southern/eastern France
 _RANGES = {"uint8": (0, 255), "uint16": (0, 5_000), "int16": (0, 5_000), "float32": (-30.0, 5.0)}
-
-
-def smooth_fields(rng: np.random.Generator, lead: tuple[int, ...], size: int, cells: int) -> np.ndarray:
-    """Random fields (*lead, size, size) in about [-1, 1]: coarse Gaussian noise upsampled bilinearly."""
-    pos = np.linspace(0, cells, size)
-    low = np.minimum(pos.astype(int), cells - 1)
-    frac = (pos - low).astype(np.float32)
-    weights = np.zeros((size, cells + 1), np.float32)
-    weights[np.arange(size), low] = 1 - frac
-    weights[np.arange(size), low + 1] = frac
-    coarse = rng.standard_normal((*lead, cells + 1, cells + 1), dtype=np.float32) * 0.6
-    return weights @ coarse @ weights.T
 
 
 def _scale(field: np.ndarray, dtype: str) -> np.ndarray:

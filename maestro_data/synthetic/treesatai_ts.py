@@ -18,9 +18,13 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
+from maestro_data.manifest import load_manifest
+from maestro_data.synthetic import smooth_fields
+
 AERIAL_PX = 304
-AERIAL_RES = 0.2
-GRID_PX = 6  # the HDF5 rasters cover the central 60 m at 10 m
+_MANIFEST = load_manifest("treesatai-ts")
+AERIAL_RES = _MANIFEST.modalities["aerial"].resolution_m
+GRID_PX = _MANIFEST.modalities["s2"].tile_size  # the HDF5 rasters cover the central 60 m at 10 m
 FIRST_TS_YEAR = 2017  # time series year = max(aerial year, 2017)
 # (genus, species) as in the real IMG_IDs; "Cleared" appears only as a label fraction
 SPECIES = (("Abies", "alba"), ("Acer", "pseudoplatanus"), ("Alnus", "spec."), ("Betula", "spec."),
@@ -50,16 +54,6 @@ CENTRE_25832 = (470_000.0, 5_840_000.0)  # Lower Saxony; tiles spread +-40 km ar
 LAYOUTS = ("csv", "release", "both")
 
 
-def _smooth(rng: np.random.Generator, lead: tuple[int, ...], size: int, cells: int) -> np.ndarray:
-    """Unit-variance-ish random field (lead..., size, size): bilinear upsampling of (cells+1)^2 noise."""
-    low = rng.standard_normal((*lead, cells + 1, cells + 1))
-    pos = np.linspace(0.0, cells, size)
-    i = np.minimum(pos.astype(int), cells - 1)
-    f = pos - i
-    rows = low[..., i, :] * (1 - f)[:, None] + low[..., i + 1, :] * f[:, None]
-    return rows[..., i] * (1 - f) + rows[..., i + 1] * f
-
-
 def _stamp(t: datetime) -> str:
     return t.strftime("%Y%m%dT%H%M%S")
 
@@ -82,12 +76,12 @@ def _s2(rng: np.random.Generator, year: int, ten_mask_channels: bool) -> dict[st
                 for tm in times]
     doy = np.array([tm.timetuple().tm_yday for tm in times])
     season = 0.75 + 0.35 * np.sin((doy - 100) / 365 * 2 * np.pi)  # greener summer
-    field = 1 + 0.15 * _smooth(rng, (1,), GRID_PX, 2)  # per-pixel brightness shared by bands and dates
+    field = 1 + 0.15 * smooth_fields(rng, (1,), GRID_PX, 2)  # per-pixel brightness shared by bands and dates
     data = S2_MEAN[None, :, None, None] * season[:, None, None, None] * field[:, None]
     cloud = np.zeros((t, GRID_PX, GRID_PX))
     cloudy = rng.random(t) < 0.5
     cloud[cloudy] = np.clip(rng.uniform(10, 110, (cloudy.sum(), 1, 1))
-                            + 25 * _smooth(rng, (int(cloudy.sum()),), GRID_PX, 2), 0, 100)
+                            + 25 * smooth_fields(rng, (int(cloudy.sum()),), GRID_PX, 2), 0, 100)
     data = data + cloud[:, None] * 110 + 40 * rng.standard_normal(data.shape)
     snow = np.zeros_like(cloud)
     winter = (doy < 60) & (rng.random(t) < 0.3)
@@ -116,7 +110,7 @@ def _s1_products(rng: np.random.Generator, times: list[datetime], dup: np.ndarra
 def _s1(rng: np.random.Generator, year: int, hour: int, passes: int, dup_rate: float, nans: bool) -> tuple:
     times = _days(rng, year, passes, hour)
     t = len(times)
-    frames = S1_MEAN[None, :, None, None] * np.exp(0.35 * _smooth(rng, (1, 2), GRID_PX, 2)
+    frames = S1_MEAN[None, :, None, None] * np.exp(0.35 * smooth_fields(rng, (1, 2), GRID_PX, 2)
                                                    + 0.3 * rng.standard_normal((t, 2, GRID_PX, GRID_PX)))
     frames = frames.astype(np.float32)
     zeros = rng.integers(0, [t, 2, GRID_PX, GRID_PX], size=(2, 4))
@@ -138,7 +132,7 @@ def _fractions(rng: np.random.Generator, genus: str) -> dict[str, float]:
 
 
 def _write_aerial(path: Path, rng: np.random.Generator, left: float, top: float) -> None:
-    img = AERIAL_MEAN[:, None, None] + 30 * _smooth(rng, (4,), AERIAL_PX, 12) + 6 * rng.standard_normal(
+    img = AERIAL_MEAN[:, None, None] + 30 * smooth_fields(rng, (4,), AERIAL_PX, 12) + 6 * rng.standard_normal(
         (4, AERIAL_PX, AERIAL_PX))
     img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     profile = dict(driver="GTiff", width=AERIAL_PX, height=AERIAL_PX, count=4, dtype="uint8", crs=AERIAL_CRS_WKT,
