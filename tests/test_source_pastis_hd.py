@@ -14,7 +14,7 @@ import pytest
 import rasterio
 from pyproj import Transformer
 
-from maestro_data.errors import SourceError
+from maestro_data.errors import ManifestError, SourceError
 from maestro_data.geo import polygon_centroid
 from maestro_data.manifest import load_manifest, parse_manifest
 from maestro_data.sources import SourceOptions, open_source
@@ -437,7 +437,8 @@ def test_renamed_modality_keeps_its_dates(base: Path) -> None:
     expected = _expected_dates(_feature(_meta(base), "10003")["properties"]["dates-S2"])
     assert np.array_equal(tile.series["sentinel2"].dates, expected)
     moved = parse_manifest(MANIFEST.text.replace('"DATA_S1A/S1A_{id}.npy"', '"S1A/S1A_{id}.npy"'), origin="m.toml")
-    _raises(lambda: open_source(moved, base).check_layout(), "modalities.s1_asc.source", "DATA_<X>")
+    with pytest.raises(ManifestError, match=r"modalities\.s1_asc\.source .*DATA_<X>"):
+        open_source(moved, base)  # refused when the reader is made, before any tile is read
 
 
 def test_reader_survives_pickling(base: Path) -> None:

@@ -27,7 +27,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from maestro_data.dates import dates_array
-from maestro_data.errors import SourceError
+from maestro_data.errors import ManifestError, SourceError
 from maestro_data.geo import bounds_centre_lonlat
 from maestro_data.manifest import Manifest
 from maestro_data.sources import gpkg
@@ -84,11 +84,11 @@ def mod_token(pattern: str, what: str) -> str:
     """The MOD part of ``{domain}_<MOD>/{roi}/...`` (e.g. SENTINEL2_TS), validated."""
     head = pattern.split("/")[0]
     if not head.startswith("{domain}_") or head == "{domain}_":
-        raise SourceError(f"{what}: source pattern {pattern!r} does not start with '{{domain}}_<MOD>/'")
+        raise ManifestError(f"{what}: source pattern {pattern!r} does not start with '{{domain}}_<MOD>/'")
     try:
         pattern.format(domain="D", roi="R", pos="P")
     except (KeyError, IndexError, ValueError) as exc:
-        raise SourceError(f"{what}: source pattern {pattern!r} uses placeholders other than "
+        raise ManifestError(f"{what}: source pattern {pattern!r} uses placeholders other than "
                           f"{{domain}}, {{roi}}, {{pos}} ({exc})") from None
     return head[len("{domain}_"):]
 
@@ -97,7 +97,7 @@ def date_table_key(pattern: str, what: str) -> str:
     mod = mod_token(pattern, what)
     key = DATE_TABLE_OF.get(mod.split("_")[0])
     if key is None:
-        raise SourceError(f"{what}: no FLAIR-HUB date table is known for folder type {mod!r} "
+        raise ManifestError(f"{what}: no FLAIR-HUB date table is known for folder type {mod!r} "
                           f"(known: {', '.join(sorted(DATE_TABLE_OF))})")
     return key
 
@@ -128,7 +128,7 @@ class FlairHubSource(Source):
         for name, target in manifest.targets.items():
             mod_token(target.source, f"target {name}")
             if target.type != "segmentation":
-                raise SourceError(f"target {name}: the FLAIR reader reads segmentation rasters, not {target.type!r}")
+                raise ManifestError(f"target {name}: the FLAIR reader reads segmentation rasters, not {target.type!r}")
         self._loc_modality = manifest.ref_input or next(iter(manifest.modalities))
         self._tables: dict[str, DateTable] | None = None
         self.unsplit = 0

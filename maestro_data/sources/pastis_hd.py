@@ -23,7 +23,7 @@ import rasterio
 from pyproj.exceptions import CRSError
 
 from maestro_data.dates import dates_array
-from maestro_data.errors import SourceError
+from maestro_data.errors import ManifestError, SourceError
 from maestro_data.geo import polygon_centroid, to_lonlat
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.sources.base import (
@@ -156,9 +156,10 @@ class PastisHDSource(Source):
         super().__init__(manifest, root, options)
         self._patches: dict[str, _Patch] | None = None
         self._crs = self.manifest.location_crs
+        self._items = self._inputs()  # checked once: a manifest this reader cannot follow fails here
 
     def _inputs(self) -> dict[str, _Input]:
-        """Each modality and target with its file kind and dates property; SourceError for unusable patterns."""
+        """Each modality and target with its file kind and dates property; ManifestError for unusable patterns."""
         out = {}
         for name, spec in [*self.manifest.modalities.items(), *self.manifest.targets.items()]:
             target = isinstance(spec, TargetSpec)
@@ -166,11 +167,12 @@ class PastisHDSource(Source):
             kind = {"npy": "npy", "tif": "tif", "tiff": "tif"}.get(spec.source.rsplit(".", 1)[-1].lower())
             key = dates_property(spec.source)
             if "{id}" not in spec.source:
-                raise SourceError(f"{where} has no {{id}} placeholder")
+                raise ManifestError(f"{where} has no {{id}} placeholder")
             if kind is None or (target and (kind != "npy" or spec.type != "segmentation")):
-                raise SourceError(f"{where}: PASTIS-HD provides .npy/.tif modalities and .npy segmentation targets")
+                raise ManifestError(f"{where}: PASTIS-HD provides .npy/.tif modalities and .npy segmentation targets")
             if kind == "npy" and not target and key is None:
-                raise SourceError(f"{where}: a time series must sit in a DATA_<X>/ folder dated by property dates-<X>")
+                raise ManifestError(f"{where}: a time series must sit in a DATA_<X>/ folder dated by property "
+                                    "dates-<X>")
             out[name] = _Input(name, spec.source, kind, key)
         return out
 
@@ -182,7 +184,7 @@ class PastisHDSource(Source):
             raise SourceError("not a directory (expected the PASTIS-HD root)", path=str(self.root))
         if not (self.root / METADATA).is_file():
             raise SourceError(f"not a PASTIS-HD folder: {METADATA} is missing", path=str(self.root))
-        for item in self._inputs().values():
+        for item in self._items.values():
             folder = self.root / item.pattern.split("{id}", 1)[0].rsplit("/", 1)[0]
             if not folder.is_dir():
                 raise SourceError(f"not a PASTIS-HD folder: {folder.relative_to(self.root)}/ (for {item.name}) "
@@ -302,7 +304,7 @@ class PastisHDSource(Source):
         return dates
 
     def probe(self, ref: TileRef) -> TileRef:
-        patch, items, counts = self._patch(ref.tile_id), self._inputs(), {}
+        patch, items, counts = self._patch(ref.tile_id), self._items, {}
         for name, spec in self.manifest.modalities.items():
             item, path = items[name], self._file(items[name], ref.tile_id)
             if item.kind == "npy":
@@ -322,7 +324,7 @@ class PastisHDSource(Source):
 
     def read(self, ref: TileRef) -> Tile:
         tid = ref.tile_id
-        patch, items, series = self._patch(tid), self._inputs(), {}
+        patch, items, series = self._patch(tid), self._items, {}
         for name, spec in self.manifest.modalities.items():
             item, path = items[name], self._file(items[name], tid)
             data = _load_npy(path, tid) if item.kind == "npy" else _read_tif(path, tid, spec)
