@@ -194,6 +194,7 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+        _W.clear()  # the serial path ran the worker code in this process: drop its open store and source
     return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0,
                    count_source=options.limit is None)
 
