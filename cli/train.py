@@ -25,7 +25,7 @@ def _main_process() -> bool:
 
 def _overrides(phases: tuple[str, ...], opts: dict) -> dict:
     out: dict = {}
-    simple = {"manifest": "data.manifest", "index": "data.index", "subset": "data.subset", "fold": "data.fold",
+    simple = {"manifest": "data.manifest", "index": "data.index", "subset": "data.subset",
               "workers": "data.num_workers", "size": "model.size", "fusion": "model.fusion",
               "precision": "train.precision", "seed": "train.seed", "output_dir": "train.output_dir",
               "resume": "train.resume", "init": "train.init", "checkpoint_every": "train.checkpoint_every"}
@@ -55,7 +55,6 @@ def _options(f):
         click.option("--index", help="Shard index.json (or its folder): path or URL."),
         click.option("--subset", type=click.Choice(["5", "20", "100"]), callback=lambda c, p, v: v and int(v),
                      help="Percent of the training split(s)."),
-        click.option("--fold", type=click.IntRange(0), help="PASTIS-HD fold the shards were built for."),
         click.option("--size", help="Model size: tiny | small | base (medium) | large."),
         click.option("--fusion", help="shared | monotemp | mod | group | inter-group."),
         click.option("--epochs", type=click.IntRange(0), help="Epochs of every phase this command runs."),

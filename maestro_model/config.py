@@ -25,6 +25,10 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 RUN_ONLY = {"data.index", "data.num_workers", "train.output_dir", "train.resume", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "train.trace", "train.exit_after_steps", "train.quiet",
             "train.threads"}
+# keys that no longer exist, with why: a config naming one is refused with that reason; a checkpoint that recorded
+# one still resumes (the key never changed what was trained)
+RETIRED = {"data.fold": "PASTIS-HD folds are chosen when building the dataset (maestro-data build pastis-hd --fold "
+                        "K); the shards hold that fold's splits. Delete the key"}
 
 
 class ConfigError(MaestroError):
@@ -36,7 +40,6 @@ class DataConfig:
     manifest: str = "treesatai-ts"  # built-in manifest name or path to a manifest TOML
     index: str = ""                 # shard index.json (or its folder), a path or URL
     subset: int = 100               # 5 | 20 | 100 % of the training split(s)
-    fold: int = 0                   # PASTIS-HD fold the shards were built for (recorded; 0 = not applicable)
     num_workers: int = 2            # loader worker processes per rank
 
 
@@ -187,6 +190,9 @@ def build_config(raw: dict, overrides: dict[str, Any] | None = None, origin: str
         if not isinstance(table, dict):
             raise ConfigError(f"{origin}: {sec} must be a table")
         names = {f.name: f for f in fields(cls)}
+        retired = sorted(f"{sec}.{k}" for k in table if f"{sec}.{k}" in RETIRED)
+        if retired:
+            raise ConfigError(f"{origin}: {retired[0]} was removed: {RETIRED[retired[0]]}")
         bad = sorted(set(table) - set(names))
         if bad:
             raise ConfigError(f"{origin}: unknown key {sec}.{bad[0]} (valid keys of [{sec}]: {', '.join(names)})")
@@ -204,8 +210,8 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
 
     if cfg.data.subset not in (5, 20, 100):
         raise bad("data.subset", f"must be 5, 20 or 100, got {cfg.data.subset}")
-    if cfg.data.num_workers < 0 or cfg.data.fold < 0:
-        raise bad("data", "num_workers and fold must be >= 0")
+    if cfg.data.num_workers < 0:
+        raise bad("data.num_workers", "must be >= 0")
     if cfg.train.precision not in PRECISIONS:
         raise bad("train.precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     for key in ("lr_scaling", "final_lr"):

@@ -13,14 +13,12 @@ changes the last bits of sums and gradients). Launch with ``accelerate launch -m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
-import time
+import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -28,46 +26,33 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from maestro_data.errors import MaestroError
 from maestro_data.manifest import load_manifest
 from maestro_data.shard_read import check_manifest, open_index
-from maestro_data.stream import StreamConfig, make_loader, to_model_batch
+from maestro_data.stream import StreamConfig, StreamLoader, load_table
 from maestro_model import schedule
 from maestro_model.checkpoints import load_weights, save_model
-from maestro_model.config import PHASES, TrainConfig
-from maestro_model.losses import multilabel_loss, segmentation_loss
-from maestro_model.metrics import MultilabelCounts, SegmentationCounts
+from maestro_model.config import PHASES, RETIRED, TrainConfig
 from maestro_model.model import build_model
+from maestro_model.train_loop import Progress, TrainError, run_phase
+
+# TrainError and Progress live in train_loop (which never imports this module) and are re-exported here
+__all__ = ["Trainer", "TrainError", "Progress", "train", "make_accelerator", "checkpoint_order"]
 
 log = logging.getLogger("maestro.train")
 STATE_FILE = "trainer_state_rank{}.json"
 EMA_FILE = "ema.safetensors"
 DONE_FILE = "COMPLETE"
+CHECKPOINT_NAME = re.compile(r"(?P<phase>[a-z]+)-e(?P<epoch>\d+)-b(?P<batch>\d+)")
 
 
-class TrainError(MaestroError):
-    """Training cannot start or go on (bad checkpoint, data/config mismatch, non-finite loss)."""
-
-
-@dataclass
-class Progress:
-    """Where a run stands: the next batch to train. Saved (one JSON per rank) with every checkpoint."""
-
-    phase: str
-    epoch: int = 0
-    batch: int = 0                 # batches of this epoch already trained
-    step: int = 0                  # optimizer steps of this phase already taken
-    loader: dict | None = None     # the train loader's state at `batch` (mid-epoch only)
-    history: list = field(default_factory=list)  # per-epoch validation records of this phase
-    loss_sum: float = 0.0          # sum of this epoch's first `batch` batch losses (its train_loss goes on from it)
-
-
-def step_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed that depends only on ``seed`` and ``parts`` (phase, epoch, batch, rank)."""
-    raw = "/".join(map(str, (seed, *parts))).encode()
-    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "little") >> 1
+def checkpoint_order(name: str) -> tuple[int, int, int] | None:
+    """Training order of a checkpoint folder ``<phase>-e<epoch>-b<batch>`` (None: not a checkpoint name).
+    Names alone sort ``finetune`` before ``pretrain``: pruning must compare (phase, epoch, batch)."""
+    m = CHECKPOINT_NAME.fullmatch(name)
+    if m is None or m["phase"] not in PHASES:
+        return None
+    return PHASES.index(m["phase"]), int(m["epoch"]), int(m["batch"])
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -81,17 +66,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = "tensorboard" if find_spec("tensorboard") or find_spec("tensorboardX") else None
     return Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers, project_dir=cfg.train.output_dir,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-
-def nonfinite_report(inputs: dict, terms: dict[str, torch.Tensor], prepared: dict[str, torch.Tensor]) -> str:
-    """Which modality produced a non-finite loss: a non-finite input, else a non-finite per-modality loss term."""
-    bad = [m for m, x in prepared.items() if not bool(torch.isfinite(x).all())]
-    if bad:
-        return f"non-finite input values in modality {', '.join(bad)}"
-    bad = [m for m, t in terms.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        return f"non-finite loss term of modality {', '.join(bad)} (inputs are finite: the weights diverged)"
-    return "every input and term is finite on this rank"
 
 
 class Trainer:
@@ -109,8 +83,8 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.manifest)
         if not cfg.data.index:
             raise TrainError("data.index is not set: give the shard index (path or URL) of a built dataset")
-        index, loc = open_index(cfg.data.index)
-        check_manifest(index, self.manifest, loc)
+        self.index, self.index_location = open_index(cfg.data.index)  # opened once: every loader reuses it
+        check_manifest(self.index, self.manifest, self.index_location)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
         self.threads = cfg.train.threads or torch.get_num_threads()  # intra-op threads :meth:`run` computes with
@@ -188,7 +162,8 @@ class Trainer:
             tmp = root / "latest.tmp"
             tmp.write_text(path.name)
             os.replace(tmp, root / "latest")
-            done = sorted(p for p in root.iterdir() if (p / DONE_FILE).is_file())
+            done = sorted((p for p in root.iterdir() if (p / DONE_FILE).is_file() and checkpoint_order(p.name)),
+                          key=lambda p: checkpoint_order(p.name))
             for old in done[:-self.cfg.train.keep_checkpoints]:
                 if old != path:
                     for f in sorted(old.rglob("*"), reverse=True):
@@ -211,10 +186,10 @@ class Trainer:
         if state["world_size"] != self.world:
             raise TrainError(f"{path}: saved by {state['world_size']} processes, resumed with {self.world}; "
                              "exact resume needs the same number")
-        mine = self.cfg.fingerprint()
-        diff = sorted(k for k in mine.keys() | state["config"].keys() if mine.get(k) != state["config"].get(k))
+        mine, saved_cfg = self.cfg.fingerprint(), {k: v for k, v in state["config"].items() if k not in RETIRED}
+        diff = sorted(k for k in mine.keys() | saved_cfg.keys() if mine.get(k) != saved_cfg.get(k))
         if diff:
-            shown = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r} vs run {mine.get(k)!r}" for k in diff[:6])
+            shown = ", ".join(f"{k}: checkpoint {saved_cfg.get(k)!r} vs run {mine.get(k)!r}" for k in diff[:6])
             raise TrainError(f"{path}: checkpoint of another configuration ({shown})")
         progress = Progress(**state["progress"])
         if progress.phase not in self.phases:
@@ -232,10 +207,12 @@ class Trainer:
         return progress
 
     # ------------------------------------------------------------------------------------------------ data
-    def loader(self, split: str, mode: str, batch_size: int, subset: int):
+    def loader(self, split: str, mode: str, batch_size: int, subset: int) -> StreamLoader:
+        """This rank's loader of ``split`` from the index opened (and checked) once in ``__init__``."""
         sc = StreamConfig(index=self.cfg.data.index, split=split, mode=mode, subset=subset, batch_size=batch_size,
                           seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers)
-        loader = make_loader(sc, self.manifest)
+        table = load_table(self.index, self.index_location, self.manifest, split, subset)
+        loader = StreamLoader(sc, self.manifest, table, self.rank, self.world)
         if mode == "eval" and batch_size > loader.num_samples // self.world:
             raise TrainError(f"{split}: batch size {batch_size} per device exceeds a rank's share of the evaluation "
                              f"set ({loader.num_samples} samples / {self.world} processes); lower the batch size")
@@ -252,8 +229,6 @@ class Trainer:
             torch.set_num_threads(previous)
 
     def _run_phases(self) -> dict[str, dict]:
-        from maestro_model.train_loop import run_phase  # the epoch loop lives beside, to keep both files short
-
         start = self.load_checkpoint(self.cfg.train.resume) if self.cfg.train.resume else None
         results = {}
         for phase in self.phases:
@@ -273,54 +248,6 @@ class Trainer:
 def train(cfg: TrainConfig, phases: tuple[str, ...] = PHASES) -> dict[str, dict]:
     """Library entry point: run ``phases`` of ``cfg`` -> {phase: metrics}."""
     return Trainer(cfg, phases).run()
-
-
-def total_steps(batches: int, epochs: int, accum: int) -> int:
-    """Optimizer steps of a phase: every epoch ends with a (possibly shorter) accumulation window."""
-    return epochs * math.ceil(batches / accum)
-
-
-def progress_bar(acc: Accelerator, total: int, desc: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="batch", disable=quiet or not acc.is_main_process, leave=False)
-
-
-def model_inputs(batch: dict, manifest, device: torch.device, keep: torch.Tensor | None = None) -> dict:
-    """The loader's batch as model inputs on ``device``, restricted to the rows ``keep`` (eval padding)."""
-    inputs = to_model_batch(batch, manifest, device)
-    if keep is None:
-        return inputs
-    idx = keep.nonzero().flatten().tolist()
-    return {k: (v[keep.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == keep.numel()
-                else [v[i] for i in idx] if isinstance(v, list) else v) for k, v in inputs.items()}
-
-
-def target_loss(manifest, logits: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
-    """Sum over targets of the multilabel BCE / segmentation CE, skipping the missing value (model-spec §7.5)."""
-    total = 0.0
-    for name, out in logits.items():
-        t = manifest.targets[name]
-        fn = multilabel_loss if t.type == "multilabel" else segmentation_loss
-        total = total + fn(out.float(), inputs[name], t.missing_value)
-    return total
-
-
-def metric_counters(manifest, device: torch.device) -> dict:
-    return {t.name: (MultilabelCounts(t.num_classes, t.missing_value, device) if t.type == "multilabel"
-                     else SegmentationCounts(t.num_classes, t.missing_value, t.ignore, device))
-            for t in manifest.targets.values()}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of ``model``'s state dict (identical weights across ranks have equal digests)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def time_now() -> float:
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

@@ -1,38 +1,112 @@
-"""The epoch loop of one training phase and the evaluation pass (used by :class:`maestro_model.train.Trainer`)."""
+"""The epoch loop of one training phase, the evaluation pass and their helpers (driven by
+:class:`maestro_model.train.Trainer`; this module does not import it, so the dependency goes one way)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
+import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm import tqdm
 
+from maestro_data.errors import MaestroError
+from maestro_data.stream import StreamLoader, to_model_batch
 from maestro_model import schedule
-from maestro_model.train import (
-    Progress,
-    TrainError,
-    metric_counters,
-    model_inputs,
-    nonfinite_report,
-    progress_bar,
-    step_seed,
-    target_loss,
-    time_now,
-    total_steps,
-    weights_digest,
-)
+from maestro_model.losses import multilabel_loss, segmentation_loss
+from maestro_model.metrics import MultilabelCounts, SegmentationCounts
 
 log = logging.getLogger("maestro.train")
 EXIT_PREEMPTED = 75  # exit status of a simulated preemption (train.exit_after_steps)
 
 
+class TrainError(MaestroError):
+    """Training cannot start or go on (bad checkpoint, data/config mismatch, non-finite loss)."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next batch to train. Saved (one JSON per rank) with every checkpoint."""
+
+    phase: str
+    epoch: int = 0
+    batch: int = 0                 # batches of this epoch already trained
+    step: int = 0                  # optimizer steps of this phase already taken
+    loader: dict | None = None     # the train loader's state at `batch` (mid-epoch only)
+    history: list = field(default_factory=list)  # per-epoch validation records of this phase
+    loss_sum: float = 0.0          # sum of this epoch's first `batch` batch losses (its train_loss goes on from it)
+
+
+def step_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed that depends only on ``seed`` and ``parts`` (phase, epoch, batch, rank)."""
+    raw = "/".join(map(str, (seed, *parts))).encode()
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "little") >> 1
+
+
+def total_steps(batches: int, epochs: int, accum: int) -> int:
+    """Optimizer steps of a phase: every epoch ends with a (possibly shorter) accumulation window."""
+    return epochs * math.ceil(batches / accum)
+
+
+def progress_bar(acc: Accelerator, total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="batch", disable=quiet or not acc.is_main_process, leave=False)
+
+
+def model_inputs(batch: dict, manifest, device: torch.device, keep: torch.Tensor | None = None) -> dict:
+    """The loader's batch as model inputs on ``device``, restricted to the rows ``keep`` (eval padding)."""
+    inputs = to_model_batch(batch, manifest, device)
+    if keep is None:
+        return inputs
+    idx = keep.nonzero().flatten().tolist()
+    return {k: (v[keep.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == keep.numel()
+                else [v[i] for i in idx] if isinstance(v, list) else v) for k, v in inputs.items()}
+
+
+def target_loss(manifest, logits: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
+    """Sum over targets of the multilabel BCE / segmentation CE, skipping the missing value (model-spec §7.5)."""
+    total = 0.0
+    for name, out in logits.items():
+        t = manifest.targets[name]
+        fn = multilabel_loss if t.type == "multilabel" else segmentation_loss
+        total = total + fn(out.float(), inputs[name], t.missing_value)
+    return total
+
+
+def metric_counters(manifest, device: torch.device) -> dict:
+    return {t.name: (MultilabelCounts(t.num_classes, t.missing_value, device) if t.type == "multilabel"
+                     else SegmentationCounts(t.num_classes, t.missing_value, t.ignore, device))
+            for t in manifest.targets.values()}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of ``model``'s state dict (identical weights across ranks have equal digests)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def nonfinite_report(inputs: dict, terms: dict[str, torch.Tensor], prepared: dict[str, torch.Tensor]) -> str:
+    """Which modality produced a non-finite loss: a non-finite input, else a non-finite per-modality loss term."""
+    bad = [m for m, x in prepared.items() if not bool(torch.isfinite(x).all())]
+    if bad:
+        return f"non-finite input values in modality {', '.join(bad)}"
+    bad = [m for m, t in terms.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        return f"non-finite loss term of modality {', '.join(bad)} (inputs are finite: the weights diverged)"
+    return "every input and term is finite on this rank"
+
+
 def _tile_ids(batch: dict) -> list[str]:
-    ids = batch.get("tile_id", batch.get("tile_ids", []))
-    return [str(i) for i in ids]
+    return [str(i) for i in batch.get("tile_id", [])]
 
 
 def _forward(tr, phase: str, inputs: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -78,8 +152,9 @@ def run_phase(tr, progress: Progress) -> dict:
     peak = schedule.peak_lr(pc.base_lr, global_batch, cfg.train.lr_scaling)
     final = schedule.final_factor(phase, cfg.train.final_lr)
     alpha = schedule.ema_alpha(pc.epochs)
-    for split, subset in (("val", cfg.data.subset), ("test", 100))[:1 if phase == "pretrain" else 2]:
-        tr.loader(split, "eval", pc.batch_size, subset)  # refuse a bad evaluation batch size before training
+    # built once per phase (refusing a bad evaluation batch size before training) and reused by every evaluation
+    val = tr.loader("val", "eval", pc.batch_size, cfg.data.subset)
+    test = None if phase == "pretrain" else tr.loader("test", "eval", pc.batch_size, 100)
     if (progress.epoch, progress.batch, progress.step) == (0, 0, 0):
         tr.opt.optimizer.state.clear()  # fresh AdamW moments per phase, as the official fresh optimizer
     if acc.is_main_process:
@@ -98,7 +173,7 @@ def run_phase(tr, progress: Progress) -> dict:
             first, loss_sum = progress.batch, progress.loss_sum
         progress = replace(progress, epoch=epoch, batch=first, loader=None, loss_sum=0.0)
         tr.model.train()
-        t0, seen = time_now(), 0
+        t0, seen = time.perf_counter(), 0
         bar = progress_bar(acc, n, f"{phase} {epoch + 1}/{pc.epochs}", cfg.train.quiet)
         bar.update(first)
         for i, batch in enumerate(loader, start=first):
@@ -138,12 +213,12 @@ def run_phase(tr, progress: Progress) -> dict:
                 acc.wait_for_everyone()
                 os._exit(EXIT_PREEMPTED)  # like a kill: no cleanup, no final checkpoint
         bar.close()
-        elapsed = max(time_now() - t0, 1e-9)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / n, "samples_per_s": seen / elapsed}
         if tr.ema is not None:
             tr.ema.update(tr.raw, alpha)
         if pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
-            record.update(evaluate(tr, phase, "val", pc.batch_size, cfg.data.subset))
+            record.update(evaluate(tr, phase, "val", val))
         history.append(record)
         if acc.is_main_process:
             log.info("%s epoch %d/%d: %s", phase, epoch + 1, pc.epochs,
@@ -157,20 +232,20 @@ def run_phase(tr, progress: Progress) -> dict:
     result = {"phase": phase, "epochs": pc.epochs, "steps": steps, "global_batch": global_batch, "peak_lr": peak,
               "final_lr": peak / final, "ema_alpha": alpha, "history": history,
               "samples_per_s": history[-1]["samples_per_s"] if history else None}
-    if phase != "pretrain":
-        result["test"] = evaluate(tr, phase, "test", pc.batch_size, 100)
+    if test is not None:
+        result["test"] = evaluate(tr, phase, "test", test)
         if acc.log_with:
             acc.log(result["test"], step=progress.step)
     return result
 
 
 @torch.no_grad()
-def evaluate(tr, phase: str, split: str, batch_size: int, subset: int) -> dict[str, float]:
-    """Metrics of ``split`` over every sample exactly once across ranks (padding rows dropped by ``valid``);
-    fine-tuned models are evaluated with their EMA. Names follow the official ``{phase}_{target}/{metric}_{split}``."""
+def evaluate(tr, phase: str, split: str, loader: StreamLoader) -> dict[str, float]:
+    """Metrics of ``split`` (its eval-mode ``loader``) over every sample exactly once across ranks (padding rows
+    dropped by ``valid``); fine-tuned models are evaluated with their EMA. Names follow the official
+    ``{phase}_{target}/{metric}_{split}``."""
     acc, manifest = tr.acc, tr.manifest
-    loader = tr.loader(split, "eval", batch_size, subset)
-    loader.set_epoch(0)
+    loader.set_epoch(0)  # always epoch 0: each pass of the reused loader yields what a fresh loader would
     counters = metric_counters(manifest, acc.device)
     sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
     use_ema = phase == "finetune" and tr.ema is not None

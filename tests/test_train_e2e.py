@@ -264,3 +264,16 @@ def test_finetuning_after_pretraining_learns_the_s2_temporal_pattern(tmp_path):
     # one of two genera per tile, set by the date of the S2 green peak: predicting both scores 2/3, chance 1/2
     assert test["finetune_treesat_mlc_thresh/weighted_f1_test"] >= 0.9, test
     assert test["finetune_loss_pred/test"] < result["probe"]["test"]["probe_loss_pred/test"]
+
+
+def test_index_opened_once_and_each_loader_built_once_per_phase(shards, tmp_path, monkeypatch):
+    from maestro_model import train as train_module
+
+    opened, tables = [], []
+    real_open, real_table = train_module.open_index, train_module.load_table
+    monkeypatch.setattr(train_module, "open_index", lambda loc: opened.append(loc) or real_open(loc))
+    monkeypatch.setattr(train_module, "load_table", lambda *a: tables.append(a[3]) or real_table(*a))
+    cfg = load_config(DEMO, _overrides(shards, tmp_path, **{"finetune.epochs": 2, "finetune.batch_size": 4}))
+    history = train(cfg, ("finetune",))["finetune"]["history"]
+    assert [r["samples_val"] for r in history] == [4, 4]  # the reused val loader yields every sample each epoch
+    assert len(opened) == 1 and tables == ["train", "val", "test"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from maestro_model import schedule
 from maestro_model.config import ConfigError, build_config, load_config, parse_value
 from maestro_model.metrics import MultilabelCounts, SegmentationCounts, multilabel_scores, segmentation_scores
+from maestro_model.train import Progress, Trainer, checkpoint_order
 
 
 # ------------------------------------------------------------------------------------------------ LR schedule
@@ -173,3 +175,52 @@ def test_config_overrides_types_and_roundtrip(tmp_path):
 def test_config_bad_values(key, value, match):
     with pytest.raises(ConfigError, match=match):
         build_config({}, {key: value})
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint pruning
+class _StubAccelerator:
+    """What ``Trainer.save_checkpoint`` needs of an Accelerator, writing a marker file instead of real state."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.bin").write_text("state")
+
+
+def _checkpointing_trainer(out: Path, keep: int) -> Trainer:
+    tr = Trainer.__new__(Trainer)  # only the attributes save_checkpoint reads: no model, no data
+    tr.cfg = build_config({}, {"train.keep_checkpoints": keep})
+    tr.out, tr.acc, tr.rank, tr.world, tr.ema = out, _StubAccelerator(), 0, 1, None
+    return tr
+
+
+def test_pruning_keeps_the_newest_checkpoints_across_phases(tmp_path):
+    tr = _checkpointing_trainer(tmp_path, keep=2)
+    written = [("pretrain", 1, 2), ("pretrain", 2, 0), ("probe", 1, 0), ("finetune", 0, 3), ("finetune", 1, 0)]
+    for phase, epoch, batch in written:
+        tr.save_checkpoint(Progress(phase, epoch, batch))
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    # names sort finetune < pretrain < probe: pruning by name deleted fine-tuning's own checkpoints
+    assert left == ["finetune-e0000-b000003", "finetune-e0001-b000000"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "finetune-e0001-b000000"
+
+
+def test_checkpoint_order_is_phase_epoch_batch():
+    names = ["probe-e0001-b000000", "finetune-e0000-b000010", "pretrain-e0010-b000000", "finetune-e0000-b000009",
+             "pretrain-e0002-b000100", "finetune-e0001-b000000"]
+    assert sorted(names, key=checkpoint_order) == [
+        "pretrain-e0002-b000100", "pretrain-e0010-b000000", "probe-e0001-b000000", "finetune-e0000-b000009",
+        "finetune-e0000-b000010", "finetune-e0001-b000000"]
+    assert checkpoint_order("notes") is None and checkpoint_order("warmup-e0001-b000000") is None
+
+
+def test_config_fold_is_refused_with_the_build_time_option(tmp_path):
+    path = tmp_path / "old-run.toml"
+    path.write_text("[data]\nfold = 0\n")  # as the config.toml of runs written before the key was removed
+    with pytest.raises(ConfigError, match=r"data\.fold was removed: .*maestro-data build pastis-hd --fold"):
+        load_config(path)
+    assert "fold" not in build_config({}).to_toml()
