@@ -116,9 +116,11 @@ def crop_grid(manifest: Manifest) -> CropGrid:
                     px_per_unit={name: size // tile_units for name, size in sizes.items()})
 
 
-def random_crop_origin(rng: np.random.Generator, manifest: Manifest) -> tuple[float, float]:
-    """A uniformly drawn crop origin (y, x) in metres from the tile's top-left corner, on the common grid."""
-    grid = crop_grid(manifest)
+def random_crop_origin(rng: np.random.Generator, grid: CropGrid | Manifest) -> tuple[float, float]:
+    """A uniformly drawn crop origin (y, x) in metres from the tile's top-left corner, on the common grid (pass the
+    ``crop_grid`` once computed: per-sample callers should not rebuild it)."""
+    if not isinstance(grid, CropGrid):
+        grid = crop_grid(grid)
     row, col = rng.integers(0, grid.max_origin_units + 1, size=2)
     return float(row * grid.unit_m), float(col * grid.unit_m)
 

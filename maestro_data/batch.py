@@ -4,9 +4,11 @@ Keys and layouts (B = batch size; every number comes from the manifest, see :fun
 
 * ``<modality>``: ``[B, D, C, H, W]`` with D = ``temporal_bins``, C = the channels the model sees (after the
   manifest's ``select``), H = W = ``image_size``. Either float32 already normalised (``log`` for ``log_scale``
-  modalities, then ``/ norm_factor``), or the stored dtype of the manifest (uint8 / uint16 / int16) when the
-  normalisation is deferred to the device: the model then applies ``log`` (if ``log_scale``) and ``/ norm_factor``
-  itself. A float32 tensor is always taken as normalised.
+  modalities, then ``/ norm_factor``), or the stored dtype of the manifest (uint8 / uint16 / int16). Batches moved
+  by ``device.to_model_batch`` arrive normalised (it applies the loader's deferred normalisation on the device);
+  the model still accepts integer inputs and normalises them with the same function
+  (``device.normalise_tensor``: float32, ``log`` if ``log_scale``, ``/ norm_factor``). A float32 tensor is always
+  taken as normalised.
 * ``<modality>_dates``: int16 ``[B, D, 3]`` = (year, day of year 1..366, hour), the date of each temporal bin.
 * ``ref_date``: int16 ``[B, 1, 3]``, the tile's reference date shared by all modalities.
 * targets (optional for pre-training): multilabel ``[B, K]`` (float or signed integer, missing = the manifest's
@@ -17,9 +19,14 @@ Keys and layouts (B = batch size; every number comes from the manifest, see :fun
 That is what the MODEL receives (:func:`check_batch`). The streaming loader's batches (:func:`check_loader_batch`)
 differ before ``device.to_model_batch`` moves them, in ways that save host CPU and bytes:
 
-* segmentation targets may be any integer dtype of ``LOADER_SEGMENTATION_DTYPES`` (the loader uses the smallest
-  signed one holding every label and the missing value, int8 for the four datasets); ``to_model_batch`` widens
-  them to int64. Values are already training labels (ignored classes -> ``missing_value``).
+* integer modalities stay in their stored dtype by default (``normalize_on_device``); ``to_model_batch``
+  normalises them.
+* segmentation targets may be any integer dtype of ``LOADER_SEGMENTATION_DTYPES``. By default
+  (``normalize_on_device``) the loader sends the stored uint8 CLASS values and ``to_model_batch`` maps them to
+  training labels (ignored classes -> ``missing_value``) through the manifest's table; otherwise the loader sends
+  training labels already mapped, in the smallest signed dtype holding every label and the missing value (int8 for
+  the four datasets). So uint8 means stored classes and a signed dtype training labels; either way
+  ``to_model_batch`` returns int64 labels.
 * extra keys: ``valid`` bool ``[B]`` (False on padding rows: exclude them from metrics), ``crop_index`` int64
   ``[B]`` (-1 on padding rows), ``<modality>_missing`` bool ``[B]`` (the tile has no date for that modality: a
   neutral all-zero row after normalisation) and, with ``d4_on_device``, ``d4`` int64 ``[B]`` (the D4 element of

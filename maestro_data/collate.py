@@ -51,6 +51,17 @@ class TransformOptions:
     d4_on_device: bool = True  # the D4 element travels as batch["d4"] and device.to_model_batch applies it
 
 
+def option_problems(options: TransformOptions) -> list[str]:
+    """What is wrong with ``options`` (empty when valid): THE check of mode and eval_offset, used by
+    :class:`SampleTransform` and by the stream's configuration check."""
+    problems = []
+    if options.mode not in ("train", "eval"):
+        problems.append(f"mode {options.mode!r} is not 'train' or 'eval'")
+    if options.eval_offset not in ("first", "random"):
+        problems.append(f"eval_offset {options.eval_offset!r} is not 'first' or 'random'")
+    return problems
+
+
 def deferred(spec: ModalitySpec, options: TransformOptions) -> bool:
     """Whether ``spec`` leaves the loader in its stored integer dtype (normalised by ``to_model_batch``)."""
     return options.normalize_on_device and np.dtype(spec.dtype).kind in "iu"
@@ -83,10 +94,9 @@ class SampleTransform:
     """(decoded sample, crop index, epoch) -> {batch key: array} for one batch row."""
 
     def __init__(self, manifest: Manifest, options: TransformOptions):
-        if options.mode not in ("train", "eval"):
-            raise StreamError(f"mode must be 'train' or 'eval', got {options.mode!r}")
-        if options.eval_offset not in ("first", "random"):
-            raise StreamError(f"eval_offset must be 'first' or 'random', got {options.eval_offset!r}")
+        problems = option_problems(options)
+        if problems:
+            raise StreamError(f"{manifest.name}: invalid transform options: " + "; ".join(problems))
         self.manifest, self.options = manifest, options
         self.train = options.mode == "train"
         self.origins = eval_crop_origins(manifest)
@@ -100,9 +110,10 @@ class SampleTransform:
         self.raw = {t.name: raw_labels(t, options) for t in manifest.targets.values() if t.type == "segmentation"}
         # eval crops are fixed: their pixel windows are computed once
         self._eval_windows = [self._windows(o) for o in self.origins]
+        self.grid = crop_grid(manifest)
         # crop == tile (TreeSat, FLAIR): a single possible origin, no draw needed (its own rng stream: skipping
         # it shifts no other choice)
-        self.random_crops = crop_grid(manifest).max_origin_units > 0
+        self.random_crops = self.grid.max_origin_units > 0
 
     def _windows(self, origin: tuple[float, float]) -> dict[str, tuple[int, int, int]]:
         out = {m: crop_window(s, origin) for m, s in self.manifest.modalities.items()}
@@ -136,7 +147,7 @@ class SampleTransform:
         key = sample["__key__"]
         seed = self.options.seed
         if self.train and self.random_crops:
-            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}"), self.manifest))
+            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}"), self.grid))
         else:
             windows = self._eval_windows[crop]
         k = random_d4(sample_rng(seed, epoch, key, f"d4:{crop}")) if self.options.d4 else 0

@@ -28,7 +28,7 @@ from maestro_data.manifest import Manifest
 from maestro_data.shards import INDEX_FORMAT, INDEX_NAME, INDEX_SCHEMA, tile_id_of
 
 MAX_NPY_HEADER = 4096
-# THE member-name rule (the stream's reader imports it): ``<key>.<field>.npy`` -> groups 1, 2; ``<key>.json`` -> 4
+# the member-name rule of check_member: ``<key>.<field>.npy`` -> groups 1, 2; ``<key>.json`` -> 4
 MEMBER = re.compile(r"^([A-Za-z0-9_%-]+)\.([A-Za-z0-9_]+)\.(npy)$|^([A-Za-z0-9_%-]+)\.(json)$")
 FIELD = re.compile(r"^[A-Za-z0-9_]+$")  # a member's field name (``json`` for the metadata)
 
@@ -135,36 +135,49 @@ def decode_npy(data: bytes | bytearray | memoryview, name: str) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
 
 
+def check_member(member: tarfile.TarInfo, origin: str, previous: str | None, seen: set[str]) -> tuple[str, str]:
+    """THE tar member rule of every reader (``iter_samples`` and the stream's header scan): a regular file named
+    ``<key>.<field>.npy`` or ``<key>.json`` without a path, the field ``json`` reserved for the metadata, and no key
+    that starts a second sample. Returns (key, field), field ``"json"`` for the metadata; a key other than
+    ``previous`` (the current sample's) starts a sample and is added to ``seen``."""
+    name = member.name
+    if not member.isfile():
+        raise ShardError(f"{origin}: member {name!r} is not a regular file (links are refused)")
+    match = MEMBER.match(name)
+    if "/" in name or name.startswith("..") or not match:
+        raise ShardError(f"{origin}: member name {name!r} is not <key>.<field>.npy or <key>.json "
+                         "(path traversal and pickle members are refused)")
+    if match.group(2) == "json":  # would be taken for the sample's metadata by the stream
+        raise ShardError(f"{origin}: member name {name!r}: the field name 'json' is reserved for <key>.json")
+    key = match.group(1) or match.group(4)
+    if key != previous:
+        if key in seen:
+            raise ShardError(f"{origin}: duplicate sample key {key!r}")
+        seen.add(key)
+    return key, match.group(2) or "json"
+
+
 def iter_samples(fileobj, origin: str) -> Iterator[dict]:
-    """Samples of one tar stream: {"__key__", "tile_id", "meta", <field>: array}; members validated, no pickle."""
+    """Samples of one tar stream: {"__key__", "tile_id", "meta", <field>: array}; members checked by
+    :func:`check_member`, no pickle."""
     current: dict | None = None
     seen: set[str] = set()
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for member in tar:
-                name = member.name
-                if not member.isfile():
-                    raise ShardError(f"{origin}: member {name!r} is not a regular file (links are refused)")
-                match = MEMBER.match(name)
-                if "/" in name or name.startswith("..") or not match:
-                    raise ShardError(f"{origin}: member name {name!r} is not <key>.<field>.npy or <key>.json "
-                                     "(path traversal and pickle members are refused)")
-                key = match.group(1) or match.group(4)
+                key, field = check_member(member, origin, current and current["__key__"], seen)
                 if current is None or key != current["__key__"]:
                     if current is not None:
                         yield current
-                    if key in seen:
-                        raise ShardError(f"{origin}: duplicate sample key {key!r}")
-                    seen.add(key)
                     current = {"__key__": key, "tile_id": tile_id_of(key)}
                 data = tar.extractfile(member).read()
-                if match.group(5) == "json":
+                if field == "json":
                     try:
                         current["meta"] = json.loads(data)
                     except json.JSONDecodeError as exc:
-                        raise ShardError(f"{origin}: member {name}: invalid JSON: {exc}") from exc
+                        raise ShardError(f"{origin}: member {member.name}: invalid JSON: {exc}") from exc
                 else:
-                    current[match.group(2)] = decode_npy(data, f"{origin}:{name}")
+                    current[field] = decode_npy(data, f"{origin}:{member.name}")
     except tarfile.TarError as exc:
         raise ShardError(f"{origin}: corrupt or truncated tar: {exc}") from exc
     except EOFError as exc:

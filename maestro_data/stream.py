@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from maestro_data.collate import ArrayPool, BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.collate import ArrayPool, BatchBuffer, SampleTransform, TransformOptions, option_problems
 from maestro_data.device import to_model_batch, to_tensors
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest, parse_manifest
@@ -83,7 +83,7 @@ class StreamConfig:
     index: str  # shard folder, index.json path or URL
     split: str  # "train" | "val" | "test" | "pretrain" (= manifest.splits.pretrain)
     mode: str = "train"  # "train": random crop, random valid step, D4 | "eval": every crop, MAD step
-    subset: int = 100  # 5 | 20 | 100: the union of tiers <= subset
+    subset: int = 100  # a tier of the index (the build's --percents) or 100: the union of tiers <= subset
     batch_size: int = 8  # per rank
     seed: int = 0
     d4: bool = True  # the official code applies D4 in val/test too
@@ -101,20 +101,24 @@ class StreamConfig:
     prefetch_factor: int = 2
     mp_context: str | None = None  # DataLoader multiprocessing context (None: the platform default)
 
+    def transform_options(self) -> TransformOptions:
+        """The per-sample transform's share of the configuration."""
+        return TransformOptions(mode=self.mode, seed=self.seed, d4=self.d4, eval_offset=self.eval_offset,
+                                keep_hours=self.keep_hours, normalize_on_device=self.normalize_on_device,
+                                d4_on_device=self.d4_on_device)
+
 
 def _check_config(c: StreamConfig, manifest: Manifest) -> None:
+    """Everything checkable before the index is read; whether ``subset`` is one of the index's tiers is checked
+    against the index (``shards.shard_entries``) by ``load_table``."""
     splits = (*manifest.splits.names, "pretrain")
-    problems = []
+    problems = option_problems(c.transform_options())
     if c.split not in splits:
         problems.append(f"split {c.split!r} is not one of {', '.join(splits)}")
-    if c.mode not in ("train", "eval"):
-        problems.append(f"mode {c.mode!r} is not 'train' or 'eval'")
-    if c.subset not in (5, 20, 100):
-        problems.append(f"subset {c.subset!r} is not 5, 20 or 100")
+    if isinstance(c.subset, bool) or not isinstance(c.subset, int) or not 0 < c.subset <= 100:
+        problems.append(f"subset {c.subset!r} is not a percentage in 1..100")
     if c.batch_size < 1 or c.num_workers < 0 or c.prefetch_factor < 1:
         problems.append("batch_size and prefetch_factor must be >= 1 and num_workers >= 0")
-    if c.eval_offset not in ("first", "random"):
-        problems.append(f"eval_offset {c.eval_offset!r} is not 'first' or 'random'")
     if c.pad_policy not in ("pad", "drop"):
         problems.append(f"pad_policy {c.pad_policy!r} is not 'pad' or 'drop'")
     if c.on_error not in ("raise", "skip"):
@@ -249,10 +253,7 @@ class StreamLoader:
     def __init__(self, config: StreamConfig, manifest: Manifest, table: ShardTable, rank: int, world_size: int):
         self.config, self.manifest, self.table = config, manifest, table
         self.rank, self.world_size = rank, world_size
-        self.transform = SampleTransform(manifest, TransformOptions(
-            mode=config.mode, seed=config.seed, d4=config.d4, eval_offset=config.eval_offset,
-            keep_hours=config.keep_hours, normalize_on_device=config.normalize_on_device,
-            d4_on_device=config.d4_on_device))
+        self.transform = SampleTransform(manifest, config.transform_options())
         window = config.block_samples or int(config.block_memory_mb * 2**20 // self.transform.row_bytes())
         self.block_batches = max(1, window // config.batch_size)
         self.epoch = 0

@@ -1,19 +1,22 @@
 """The stream's view of a shard set: the tile table of a split/subset, and sequential reads of chosen samples.
 
-The safety rules are those of ``maestro_data.shard_read`` (its ``MEMBER``/``FIELD`` name rules and its npy decoder
-``decode_npy`` are reused, not copied): regular files only, ``<key>.<field>.npy`` / ``<key>.json`` names without
-paths, bounded npy headers parsed by numpy, object dtypes (pickle) refused, urls resolved relative to the index by
-``shard_url`` (no ``pipe:``, no absolute urls). For speed the hot path does not go through ``tarfile``'s stream
-reader (10 KiB reads, two copies per member): each sample is one read of its byte range and its arrays are
-``np.frombuffer`` views of that buffer. The byte ranges come from the index's ``members`` layout
-(``shards.py``; checked here: field names, bounds, order) or, for indexes without it, from one scan of the
-shard's tar headers per process (no data read).
+The safety rules are those of ``maestro_data.shard_read`` (its member rule ``check_member``, its ``FIELD`` name
+rule and its npy decoder ``decode_npy`` are reused, not copied): regular files only, ``<key>.<field>.npy`` /
+``<key>.json`` names without paths, bounded npy headers parsed by numpy, object dtypes (pickle) refused, urls
+resolved relative to the index by ``shard_url`` (no ``pipe:``, no absolute urls). For speed the hot path does not
+go through ``tarfile``'s stream reader (10 KiB reads, two copies per member): each sample is one read of its byte
+range and its arrays are ``np.frombuffer`` views of that buffer. The byte ranges come from the index's
+``members`` layout (``shards.py``; checked here: field names, bounds, order) or, for indexes without it, from one
+scan of the shard's tar headers per process (no data read). Both are cached per process by (url, the index's
+sha256 of the shard), at most ``SPAN_CACHE_SIZE`` shards: a shard rewritten at the same url with a new index is
+never read with the offsets of its former self.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest
-from maestro_data.shard_read import FIELD, MEMBER, check_sample, decode_npy, shard_url
+from maestro_data.shard_read import FIELD, check_member, check_sample, decode_npy, shard_url
 from maestro_data.shards import shard_entries, tile_id_of
 
 
@@ -36,6 +39,7 @@ class ShardTable:
     keys: tuple[str, ...]
     tile_ids: tuple[str, ...]
     layouts: tuple[dict | None, ...] = ()  # per shard: the index's "members" layout, or None (scan the headers)
+    digests: tuple[str | None, ...] = ()  # per shard: the index's sha256 (keys the per-process span cache)
 
     @property
     def num_shards(self) -> int:
@@ -55,7 +59,7 @@ class ShardTable:
 def load_table(index: dict, location: str, manifest: Manifest, split: str, subset: int) -> ShardTable:
     """The shards of ``split`` (``"pretrain"`` = the manifest's pretraining splits) restricted to ``subset`` %."""
     splits = manifest.splits.pretrain if split == "pretrain" else (split,)
-    urls, counts, keys, ids, layouts = [], [], [], [], []
+    urls, counts, keys, ids, layouts, digests = [], [], [], [], [], []
     try:
         for name in splits:
             for entry in shard_entries(index, name, subset):
@@ -66,15 +70,16 @@ def load_table(index: dict, location: str, manifest: Manifest, split: str, subse
                     continue
                 urls.append(shard_url(location, entry["url"]))
                 layouts.append(entry.get("members"))
+                digests.append(entry.get("sha256"))
                 counts.append(entry["samples"])
                 keys += entry["keys"]
                 ids += entry["tile_ids"]
     except MaestroError as exc:
-        raise StreamError(str(exc)) from exc
+        raise StreamError(str(exc) if location in str(exc) else f"{location}: {exc}") from exc
     if not keys:
         raise StreamError(f"{location}: split {split!r} at subset {subset} % has no samples")
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ShardTable(location, tuple(urls), starts, tuple(keys), tuple(ids), tuple(layouts))
+    return ShardTable(location, tuple(urls), starts, tuple(keys), tuple(ids), tuple(layouts), tuple(digests))
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,8 @@ class SampleSpan:
 
 
 def scan_shard(url: str) -> list[SampleSpan]:
-    """Every sample of a shard from a header-only pass (no data is read), with shard_read's member rules:
-    regular files only, names ``<key>.<field>.npy`` or ``<key>.json`` without paths, no duplicate keys."""
+    """Every sample of a shard from a header-only pass (no data is read), each member checked by
+    ``shard_read.check_member`` (the rule of ``read_shard``); a violation is a StreamError naming shard and key."""
     spans: list[SampleSpan] = []
     key, start, members = None, 0, []
     seen: set[str] = set()
@@ -101,29 +106,47 @@ def scan_shard(url: str) -> list[SampleSpan]:
     try:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
-                name = member.name
-                match = MEMBER.match(name)
-                if not member.isfile():
-                    raise StreamError(f"{url}: member {name!r} is not a regular file (links are refused)")
-                if "/" in name or not match:
-                    raise StreamError(f"{url}: member name {name!r} is not <key>.<field>.npy or <key>.json "
-                                      "(path traversal and pickle members are refused)")
-                k = match.group(1) or match.group(4)
+                k, field = check_member(member, url, key, seen)
                 if k != key:
                     close()
-                    if k in seen:
-                        raise StreamError(f"{url}: duplicate sample key {k!r}")
-                    seen.add(k)
                     key, start, members = k, member.offset, []
-                members.append((match.group(2) or "json", member.offset_data, member.size))
+                members.append((field, member.offset_data, member.size))
+    except MaestroError as exc:
+        raise StreamError(f"{exc} (after sample {key!r})") from exc
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise StreamError(f"{url}: corrupt or truncated tar (after sample {key!r}): {exc}") from exc
     close()
     return spans
 
 
-_SCANS: dict[str, list[SampleSpan]] = {}  # per process: a shard without a layout is scanned once
-_LAYOUT_SPANS: dict[str, bool] = {}  # whether _SCANS[url] came from the index layout (not yet confirmed)
+SPAN_CACHE_SIZE = 256  # shards whose spans a process keeps (a few KiB each)
+
+
+class SpanCache:
+    """(url, index sha256) -> (spans, from the index layout and not yet confirmed by the headers), least recently
+    used first out: bounded, and a shard rewritten at the same url under a new index gets a new entry."""
+
+    def __init__(self, size: int = SPAN_CACHE_SIZE):
+        self.size = size
+        self._items: OrderedDict[tuple[str, str | None], tuple[list[SampleSpan], bool]] = OrderedDict()
+
+    def get(self, key: tuple[str, str | None]) -> tuple[list[SampleSpan], bool] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple[str, str | None], spans: list[SampleSpan], from_layout: bool) -> None:
+        self._items[key] = (spans, from_layout)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_SPANS = SpanCache()  # per process: a shard is scanned (or its layout checked) once
 
 
 def _headers_match(view: memoryview, span: SampleSpan) -> bool:
@@ -233,11 +256,13 @@ class ShardReader:
         done = 0
         try:
             layout = table.layouts[shard] if table.layouts else None
-            if url not in _SCANS:
-                _SCANS[url] = (spans_from_layout(url, layout, table.keys[first:int(table.starts[shard + 1])])
-                               if layout is not None else scan_shard(url))
-                _LAYOUT_SPANS[url] = layout is not None
-            spans = _SCANS[url]
+            cache_key = (url, table.digests[shard] if table.digests else None)
+            cached = _SPANS.get(cache_key)
+            if cached is None:
+                cached = (spans_from_layout(url, layout, table.keys[first:int(table.starts[shard + 1])])
+                          if layout is not None else scan_shard(url)), layout is not None
+                _SPANS.put(cache_key, *cached)
+            spans, from_layout = cached
             with fsspec.open(url, "rb") as f:
                 position = -1
                 for tile in run:
@@ -254,9 +279,9 @@ class ShardReader:
                     position = span.end
                     # the sample's arrays view the reused buffer: valid until the next sample is requested
                     view = self._read_into(f, span.end - span.start)
-                    if _LAYOUT_SPANS[url] and not _headers_match(view, span):
+                    if from_layout and not _headers_match(view, span):
                         # the shard differs from its index (rewritten after indexing?): trust only its headers
-                        _SCANS[url], _LAYOUT_SPANS[url] = scan_shard(url), False
+                        _SPANS.put(cache_key, scan_shard(url), False)
                         yield from self._read_run(shard, run[done:])
                         return
                     sample = decode_sample(view, span, url)

@@ -4,7 +4,7 @@ Per modality, tokens are ``[B, G*D, L, ...]`` (band group, date, position). A *s
 folded modes (shared, monotemp) make one sequence per (sample, band group, date); mod/group concatenate their member
 modalities date-major per sample. Masks are bool with True = hidden, drawn in two stages: structured masks (modality,
 band group, date, spatial tube) with rejection of fully-masked sequences, then an exact count round(r*L) per sequence.
-All randomness comes from the caller's ``torch.Generator`` (``None`` = torch's global generator).
+All randomness comes from the caller's ``torch.Generator``, which is required: torch's global RNG is never used.
 """
 
 from __future__ import annotations
@@ -104,15 +104,23 @@ def structured_probabilities(seq: Sequence, layouts: dict[str, TokenLayout],
     return out
 
 
-def _bern(shape: tuple[int, ...], p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else "cpu"
+def _device_of(generator: torch.Generator) -> torch.device:
+    """The device masks are drawn on; refuses a missing generator (no silent fallback to the global RNG)."""
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("mask sampling needs an explicit generator, e.g. torch.Generator(device).manual_seed(seed); "
+                         f"got {generator!r}")
+    return generator.device
+
+
+def _bern(shape: tuple[int, ...], p: float | None, generator: torch.Generator) -> torch.Tensor:
+    device = _device_of(generator)
     if p is None:
         return torch.zeros(shape, dtype=torch.bool, device=device)
     return torch.rand(shape, generator=generator, device=device) < p
 
 
 def draw_structured(lay: TokenLayout, probs: dict[str, float | None], batch: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
+                    generator: torch.Generator) -> torch.Tensor:
     """One draw of the OR of modality / band-group / date / spatial-tube masks -> ``[B, G*D, L]`` bool."""
     b, g, d, n = batch, lay.bands, lay.dates, lay.tokens
     m = _bern((b, 1, 1, 1), probs["mod"], generator)
@@ -123,7 +131,7 @@ def draw_structured(lay: TokenLayout, probs: dict[str, float | None], batch: int
 
 
 def structured_masks(sequences: list[Sequence], layouts: dict[str, TokenLayout], cfg: MaskConfig, batch: int,
-                     generator: torch.Generator | None = None, max_rounds: int = 10_000) -> dict[str, torch.Tensor]:
+                     generator: torch.Generator, max_rounds: int = 10_000) -> dict[str, torch.Tensor]:
     """Structured masks per modality, redrawing every (sample, sequence) that would be fully masked (§4.2)."""
     out: dict[str, torch.Tensor] = {}
     for seq in sequences:
@@ -144,8 +152,7 @@ def structured_masks(sequences: list[Sequence], layouts: dict[str, TokenLayout],
     return out
 
 
-def exact_count(structured: torch.Tensor, n_mask: int, trim: str = "official",
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def exact_count(structured: torch.Tensor, n_mask: int, trim: str, generator: torch.Generator) -> torch.Tensor:
     """Rows ``[N, L]`` of structured masks -> final masks with exactly ``n_mask`` True per row (§4.3).
 
     Structured tokens come first, then random ones. When more than ``n_mask`` are structured, ``official`` keeps the
@@ -153,7 +160,7 @@ def exact_count(structured: torch.Tensor, n_mask: int, trim: str = "official",
     """
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {', '.join(TRIMS)}, got {trim!r}")
-    device = generator.device if generator is not None else "cpu"
+    device = _device_of(generator)
     noise = torch.rand(structured.shape, generator=generator, device=device)
     s = structured.to(device)
     key = torch.where(s, noise - 1, noise) if trim == "random" else torch.where(s, torch.full_like(noise, -1), noise)
@@ -174,7 +181,7 @@ def visible_index(mask_rows: torch.Tensor, n_visible: int) -> torch.Tensor:
 
 
 def sample_masks(sequences: list[Sequence], layouts: dict[str, TokenLayout], cfg: MaskConfig, batch: int,
-                 generator: torch.Generator | None = None,
+                 generator: torch.Generator,
                  device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Final and structured token masks per modality, each ``[B, G*D, L]`` bool (on ``device``)."""
     struct = structured_masks(sequences, layouts, cfg, batch, generator)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from maestro_data.batch import BatchError, check_batch
+from maestro_data.device import normalise_tensor
 from maestro_data.errors import MaestroError
 from maestro_data.manifest import Manifest, load_manifest
 from maestro_model import encodings as enc
@@ -207,16 +208,14 @@ class MaestroModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- inputs
     def prepare(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Model inputs as float32: deferred normalisation of integer inputs, then the FLAIR elevation rescale
-        (channel 1 := 30 * (ch0 - ch1)); the result is also the reconstruction target (model-spec §0)."""
+        """Model inputs as float32: deferred normalisation of integer inputs (``device.normalise_tensor``, the
+        loader's own), then the FLAIR elevation rescale (channel 1 := 30 * (ch0 - ch1)); the result is also the
+        reconstruction target (model-spec §0)."""
         out = {}
         for m, s in self.manifest.modalities.items():
             x = torch.as_tensor(batch[m])
             if not x.is_floating_point():
-                x = x.float()
-                if s.log_scale:
-                    x = x.clamp_min(1e-10).log()
-                x = x / s.norm_factor
+                x = normalise_tensor(x, s.log_scale, s.norm_factor)
             if s.rescale_elev:
                 x = torch.cat([x[:, :, :1], 30 * (x[:, :, :1] - x[:, :, 1:2]), x[:, :, 2:]], dim=2)
             out[m] = x
@@ -277,10 +276,15 @@ class MaestroModel(nn.Module):
                 generator: torch.Generator | None = None, record: dict | None = None):
         """``pretrain`` -> :class:`PretrainOutput`; ``probe`` (features detached) / ``finetune`` -> target -> logits
         (multilabel ``[B, K]``, segmentation ``[B, K, H_t, W_t]``). ``mask``: a fixed final token mask per modality
-        (``[B, G*D, L]`` bool, same count in every sequence) instead of sampling one with ``generator``. ``record``:
-        a dict that receives the intermediate tensors under the oracle's names."""
+        (``[B, G*D, L]`` bool, same count in every sequence) instead of sampling one with ``generator``, which
+        pre-training without ``mask`` requires (masks never come from torch's global RNG). ``record``: a dict that
+        receives the intermediate tensors under the oracle's names."""
         if phase not in PHASES:
             raise ModelError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        if phase == "pretrain" and mask is None and not isinstance(generator, torch.Generator):
+            raise ModelError(f"{self.manifest.name}: pre-training samples its masks from an explicit generator: "
+                             "pass generator=torch.Generator(device).manual_seed(seed) (or a fixed mask=...), "
+                             f"got generator={generator!r}")
         size = check_batch(self.manifest, batch, values=self.config.debug_checks)
         x = self.prepare(batch)
         tokens = self.tokenize(x, batch, record)
@@ -313,6 +317,8 @@ class MaestroModel(nn.Module):
 
     def _pretrain(self, x: dict, tokens: dict, batch: dict, size: int, mask: dict | None,
                   generator: torch.Generator | None, record: dict | None) -> PretrainOutput:
+        """Masked autoencoding of one batch: ``mask`` if given, else masks drawn from ``generator`` (checked by
+        ``forward``)."""
         device = next(iter(tokens.values())).device
         if mask is None:
             masks, _ = sample_masks(self.sequences, self.layouts, self.config.mask, size, generator, device)

@@ -108,7 +108,8 @@ def test_random_crop_is_aligned_and_in_bounds_for_every_raster():
     grid = crop_grid(m)
     seen = set()
     for i in range(200):
-        origin = random_crop_origin(sample_rng(0, 0, f"t{i}", "crop"), m)
+        origin = random_crop_origin(sample_rng(0, 0, f"t{i}", "crop"), grid)  # the per-sample form: a ready grid
+        assert origin == random_crop_origin(sample_rng(0, 0, f"t{i}", "crop"), m)  # the same draw from the manifest
         seen.add(origin)
         for spec in (*m.modalities.values(), *m.targets.values()):
             crop_window(spec, origin)  # raises when off-grid or out of bounds

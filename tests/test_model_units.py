@@ -133,7 +133,24 @@ def test_trimming_official_keeps_lowest_indices_random_does_not():
     assert (rand.sum(1) == 4).all() and not rand[:, [0, 1, 9]].any()
     assert len({tuple(r.nonzero().flatten().tolist()) for r in rand}) > 10
     with pytest.raises(ValueError, match="trim"):
-        exact_count(struct, 4, "sideways")
+        exact_count(struct, 4, "sideways", torch.Generator().manual_seed(0))
+
+
+def test_masks_never_come_from_the_global_rng():
+    model = tiny("treesatai-ts", "group")
+    batch = make_batch(model.manifest, 2)
+    with pytest.raises(ModelError, match=r"explicit generator: pass generator=torch.Generator\(device\)"):
+        model(batch, "pretrain")
+    with pytest.raises(ValueError, match="explicit generator"):
+        sample_masks(model.sequences, model.layouts, model.config.mask, 2, None)
+    with pytest.raises(ValueError, match="explicit generator"):
+        exact_count(torch.zeros(2, 10, dtype=torch.bool), 4, "official", None)
+    # the same generator state gives the same masks whatever the global RNG does
+    torch.manual_seed(1)
+    a = model(batch, "pretrain", generator=torch.Generator().manual_seed(5)).mask
+    torch.manual_seed(2)
+    b = model(batch, "pretrain", generator=torch.Generator().manual_seed(5)).mask
+    assert all(torch.equal(a[m], b[m]) for m in a)
 
 
 def test_mask_tokens_land_on_their_own_modality_in_the_s1_group():
@@ -302,6 +319,8 @@ def test_segmentation_head_shapes_and_probe_freezes_the_encoder(fusion, multispe
 
 
 def test_integer_inputs_are_normalised_in_the_model():
+    from maestro_data.device import normalise_tensor, to_model_batch
+
     model = tiny("treesatai-ts", "group")
     batch = make_batch(model.manifest, 1)
     raw = (batch["aerial"] * 255).round().to(torch.uint8)
@@ -310,6 +329,16 @@ def test_integer_inputs_are_normalised_in_the_model():
         a = model({**batch, "aerial": raw}, "finetune")["treesat_mlc_thresh"]
         b = model(as_float, "finetune")["treesat_mlc_thresh"]
     assert torch.equal(a, b)
+    # the model's deferred normalisation is the loader's (one function), for log-scale inputs too
+    spec = model.manifest.modalities["aerial"]
+    moved = to_model_batch({**batch, "aerial": raw}, model.manifest, "cpu")
+    assert torch.equal(model.prepare({**batch, "aerial": raw})["aerial"], moved["aerial"])
+    log = dataclasses.replace(spec, log_scale=True)
+    logged = dataclasses.replace(model.manifest, modalities={**model.manifest.modalities, "aerial": log})
+    with torch.device("meta"):
+        log_model = build_model(logged, "tiny", "group", **TINY)
+    assert torch.equal(log_model.prepare({**batch, "aerial": raw})["aerial"],
+                       normalise_tensor(raw, True, spec.norm_factor))
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -347,7 +376,7 @@ def test_nan_fails_fast_in_debug_mode_only():
     batch = make_batch(model.manifest, 1)
     batch["s1_asc"][0, 1, 0, 2, 3] = float("nan")
     with pytest.raises(BatchError, match=r"\['s1_asc'\] contains NaN"):
-        model(batch, "pretrain")
+        model(batch, "pretrain", generator=torch.Generator().manual_seed(0))
     lenient = tiny("treesatai-ts", "group")  # default: shape checks only, no device sync per step
     assert torch.isnan(lenient(batch, "pretrain", generator=torch.Generator().manual_seed(0)).loss)
 

@@ -244,22 +244,40 @@ def _npy(array):
     return buf.getvalue()
 
 
+MEMBER_CASES = [  # refused by the member rule itself (shard_read.check_member), whichever reader meets them
+    ([("../evil.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
+    ([("/abs.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
+    ([("a.s2.pickle", b"cos\nsystem\n", tarfile.REGTYPE)], "pickle members are refused"),
+    ([("a.s2.npy", b"", tarfile.SYMTYPE)], "links are refused"),
+    ([("a.json.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "'json' is reserved"),
+    ([("a.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE), ("b.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE),
+      ("a.s1.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "duplicate sample key 'a'"),
+]
+
+
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ([("../evil.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
-        ([("/abs.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "path traversal"),
-        ([("a.s2.pickle", b"cos\nsystem\n", tarfile.REGTYPE)], "pickle members are refused"),
-        ([("a.s2.npy", b"", tarfile.SYMTYPE)], "links are refused"),
+        *MEMBER_CASES,
         ([("a.s2.npy", _npy(np.array([{"x": 1}], dtype=object)), tarfile.REGTYPE)], "object arrays"),
-        ([("a.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE), ("b.s2.npy", _npy(np.zeros(2)), tarfile.REGTYPE),
-          ("a.s1.npy", _npy(np.zeros(2)), tarfile.REGTYPE)], "duplicate sample key 'a'"),
         ([("a.s2.npy", b"\x93NUMPY\x01\x00" + b"\xff\xff" + b"x" * 70000, tarfile.REGTYPE)], "not a valid npy"),
     ],
 )
 def test_hostile_members_are_refused(members, message):
     with pytest.raises(ShardError, match=message):
         list(iter_samples(_tar(members), "hostile.tar"))
+
+
+@pytest.mark.parametrize(("members", "message"), MEMBER_CASES)
+def test_the_stream_header_scan_applies_the_same_member_rule(members, message, tmp_path):
+    from maestro_data.errors import StreamError
+    from maestro_data.stream_read import scan_shard
+
+    shard = tmp_path / "hostile.tar"
+    shard.write_bytes(_tar(members).getvalue())
+    with pytest.raises(StreamError, match=message) as info:
+        scan_shard(str(shard))
+    assert str(shard) in str(info.value) and "after sample" in str(info.value)
 
 
 @given(st.text(min_size=1, max_size=40))

@@ -300,8 +300,10 @@ def _npy(array: np.ndarray) -> bytes:
 def test_index_from_another_manifest_bad_config_and_too_many_ranks(mem):
     with pytest.raises(StreamError, match="not from 'flair-hub'"):
         make_loader(StreamConfig(str(mem), "train"), load_manifest("flair-hub"))
-    with pytest.raises(StreamError, match="mode 'fit'.*subset 7"):
-        make_loader(StreamConfig(str(mem), "train", mode="fit", subset=7), TREESAT)
+    with pytest.raises(StreamError, match="mode 'fit'.*eval_offset 'last'.*subset 0 is not a percentage"):
+        make_loader(StreamConfig(str(mem), "train", mode="fit", eval_offset="last", subset=0), TREESAT)
+    with pytest.raises(StreamError, match=r"index.json: index has no 7 % subset for 'train' \(tiers: "):
+        make_loader(StreamConfig(str(mem), "train", subset=7), TREESAT)
     n = make_loader(StreamConfig(str(mem), "val", mode="eval"), TREESAT).num_samples
     with pytest.raises(StreamError, match=f"world size {n + 1} is larger than the {n} samples"):
         make_loader(StreamConfig(str(mem), "val", mode="eval"), TREESAT, rank=0, world_size=n + 1)
@@ -315,6 +317,20 @@ def test_subsets_are_nested_and_pretrain_is_train_plus_val(mem):
     val = {t for b in run(mem, "val", mode="eval") for t, v in zip(b["tile_id"], b["valid"], strict=True) if v}
     pre = make_loader(StreamConfig(str(mem), "pretrain", mode="eval"), TREESAT)
     assert pre.num_samples == len(ids[100] | val)
+
+
+def test_subset_is_any_tier_the_build_wrote(mem, tmp_path):
+    import json
+
+    index_path = _copy(mem, tmp_path / "shards") / "index.json"
+    index = json.loads(index_path.read_text())
+    for info in index["splits"].values():  # as if built with --percents 5 30
+        info["tiers"]["30"] = info["tiers"].pop("20")
+    index_path.write_text(json.dumps(index))
+    got = run(index_path.parent, "train", subset=30, mode="eval")
+    assert same_batches(got, run(mem, "train", subset=20, mode="eval"))
+    with pytest.raises(StreamError, match=r"no 20 % subset for 'train' \(tiers: .*30"):
+        make_loader(StreamConfig(str(index_path.parent), "train", subset=20), TREESAT)
 
 
 def test_short_and_empty_series_give_finite_rows_without_nan():
@@ -421,7 +437,7 @@ def test_index_layout_replaces_the_header_scan_and_reads_the_same(mem, tmp_path,
     assert entries and all(len(e["members"]["samples"]) == e["samples"] for e in entries)
     assert "json" in entries[0]["members"]["fields"]
     kw = dict(batch_size=4, block_samples=8, seed=3)
-    monkeypatch.setattr(stream_read, "_SCANS", {})
+    monkeypatch.setattr(stream_read, "_SPANS", stream_read.SpanCache())
     monkeypatch.setattr(stream_read, "scan_shard", lambda url: pytest.fail(f"scanned {url}"))
     with_layout = run(mem, **kw)
     old = _copy(mem, tmp_path / "old")  # an index written before layouts existed: scanned, same batches
@@ -482,3 +498,62 @@ def test_batch_memory_is_recycled_only_once_released_and_padding_rows_are_zero()
     assert all(not np.any(v[1]) for k, v in out.items() if k not in ("tile_id", "crop_index"))
     assert out["crop_index"].tolist() == [1, -1]
     assert all(np.all(v[0] == 1) for k, v in out.items() if k not in ("tile_id", "valid", "d4", "crop_index"))
+
+
+def test_a_shard_rewritten_at_the_same_url_is_not_read_with_stale_offsets(mem, tmp_path):
+    import hashlib
+    import json
+
+    index_path = _copy(mem, tmp_path / "shards") / "index.json"
+    index = json.loads(index_path.read_text())
+    for e in (e for s in index["splits"].values() for t in s["tiers"].values() for e in t):
+        del e["members"]  # the spans come from (cached) header scans
+    index_path.write_text(json.dumps(index))
+    before = run(index_path.parent, "val", mode="eval")
+    entry = index["splits"]["val"]["tiers"]["100"][0]
+    shard = index_path.parent / entry["url"]
+    # the same samples with padded metadata: every later member moves, and the index is rewritten with the shard
+    _rewrite_member(shard, lambda name, data: data + b" " * 700 if name.endswith(".json") else data)
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    index_path.write_text(json.dumps(index))
+    assert same_batches(run(index_path.parent, "val", mode="eval"), before)
+
+
+def test_span_cache_is_bounded_and_least_recently_used_goes_first():
+    from maestro_data.stream_read import SpanCache
+
+    cache = SpanCache(size=2)
+    cache.put(("a.tar", "1"), [], False)
+    cache.put(("b.tar", "1"), [], True)
+    assert cache.get(("a.tar", "1")) == ([], False)  # a is now the most recent
+    cache.put(("a.tar", "2"), [], False)  # the same url, another shard: a new entry; b goes
+    assert len(cache) == 2 and cache.get(("b.tar", "1")) is None and cache.get(("a.tar", "1")) is not None
+
+
+@pytest.mark.parametrize("log_scale", [False, True])
+def test_device_normalisation_is_temporal_normalise(log_scale):
+    from maestro_data.device import normalise_tensor
+    from maestro_data.temporal import normalise
+
+    rng = np.random.default_rng(4)
+    for x in (rng.integers(0, 65535, (3, 2, 9, 9)).astype(np.uint16), rng.integers(-500, 9000, (4, 7)).astype(
+            np.int16), rng.integers(0, 255, (2, 5)).astype(np.uint8)):
+        got = normalise_tensor(torch.from_numpy(x), log_scale, 10000.0)
+        assert got.dtype == torch.float32
+        if log_scale:  # torch's and numpy's float32 log may round differently (no integer log-scale modality)
+            np.testing.assert_array_max_ulp(got.numpy(), normalise(x, log_scale, 10000.0), maxulp=2)
+        else:
+            np.testing.assert_array_equal(got.numpy(), normalise(x, log_scale, 10000.0))
+
+
+def test_label_table_is_built_once_per_target_and_device(synthetic):
+    from maestro_data.device import _label_table
+
+    manifest = load_manifest("pastis-hd")
+    batches = run(synthetic("pastis-hd"), "val", manifest, mode="eval", batch_size=2)
+    assert len(batches) > 1 and batches[0]["pastis_seg"].dtype == torch.uint8
+    _label_table.cache_clear()
+    for b in batches:
+        to_model_batch(b, manifest, "cpu")
+    info = _label_table.cache_info()
+    assert info.misses == 1 and info.hits == len(batches) - 1
