@@ -24,7 +24,7 @@ import fsspec
 import numpy as np
 
 from maestro_data.errors import ShardError
-from maestro_data.manifest import Manifest
+from maestro_data.manifest import Manifest, parse_manifest
 from maestro_data.shards import INDEX_FORMAT, INDEX_NAME, INDEX_SCHEMA, tile_id_of
 
 MAX_NPY_HEADER = 4096
@@ -80,11 +80,17 @@ def open_index(location: str | Path) -> tuple[dict, str]:
 
 
 def check_manifest(index: dict, manifest: Manifest, location: str) -> None:
-    """Refuse shards built from another manifest than the one a run asks for."""
+    """Refuse shards whose stored content differs from what ``manifest`` describes.
+
+    Only what a build writes must agree (``Manifest.storage_sha256``): a copy of the manifest that changes what is
+    applied at stream time (temporal bins, normalisation, band selection, ignored labels, ...) reads the same
+    shards without a rebuild."""
     got = index["manifest"]
-    if got["sha256"] != manifest.sha256:
+    built = parse_manifest(got["text"], origin=f"{location} (manifest)")
+    if built.storage_sha256 != manifest.storage_sha256:
         raise ShardError(f"{location}: shards were built from manifest {got['name']!r} ({got['sha256'][:12]}), "
-                         f"not from {manifest.name!r} ({manifest.sha256[:12]})")
+                         f"whose stored modalities or targets differ from {manifest.name!r} "
+                         f"({manifest.sha256[:12]})")
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # parsed headers, by their bytes
@@ -221,7 +227,6 @@ def verify(location: str | Path, full: bool = False, manifest: Manifest | None =
     """Check presence, size and sha256 of every shard (and with ``full`` decode every sample against the manifest).
 
     Returns a list of problems, one line per bad shard (empty when all is well)."""
-    from maestro_data.manifest import parse_manifest
 
     index, loc = open_index(location)
     if manifest is not None:

@@ -245,6 +245,7 @@ def measured_flops(
     """FLOPs the model really executes on `batch` (matmuls, convolutions, attention) by torch's flop counter.
 
     Divide by the batch size for a per-sample figure. With `backward` the gradient pass is counted too.
+    Pretraining draws its masks from `generator` (a CPU generator seeded 0 when omitted).
     """
     _check_choice(phase, PHASES, "phase")
     devices = {v.device.type for v in batch.values() if isinstance(v, torch.Tensor)}
@@ -252,7 +253,8 @@ def measured_flops(
     # it sees as batched matmuls; meta and CUDA kernels are counted as they are
     kernels = sdpa_kernel(SDPBackend.MATH) if "cpu" in devices else contextlib.nullcontext()
     with kernels, FlopCounterMode(display=False) as counter:
-        kwargs = {"generator": generator} if phase == "pretrain" else {}
+        # the count does not depend on which tokens are masked, only on how many: any seed will do
+        kwargs = {"generator": generator or torch.Generator().manual_seed(0)} if phase == "pretrain" else {}
         output = model(batch, phase, **kwargs)
         if backward:
             _scalar(output).backward()
