@@ -12,7 +12,7 @@ REAL_MINI = SHARED / "data" / "treesatai-ts-mini"
 FLAIR_TOY_SPLITS = SHARED / "data" / "flair-hub-toy-splits"
 ORACLE = SHARED / "reference" / "oracle"
 
-pytest_plugins = ("fakes",)  # the memory_source fixture
+pytest_plugins = ("fakes", "streamkit")  # memory_source; the stream tests' shard sets (mem, synthetic)
 
 
 def require(path: Path) -> Path:
