@@ -13,7 +13,6 @@ serves every percentage, the 5 % subset is a prefix of the 20 % one (nested).
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +24,7 @@ from pyproj import Transformer
 
 from maestro_data.errors import StoreError
 from maestro_data.manifest import Manifest
+from maestro_data.sources.base import read_csv_column
 
 DEFAULT_PERCENTS = (5, 20)
 KEY_COLUMNS = {"treesatai-ts": "aerial_name", "pastis-hd": "image", "flair-hub": "patch_id", "flair2": "patch_id"}
@@ -149,20 +149,8 @@ def split_csv_name(stage: str, *, version: str | None = None, percent: float | N
 
 
 def _read_ids(path: Path, column: str) -> list[str]:
-    if not path.is_file():
-        raise StoreError(f"{path}: split file not found (expected MAESTRO's CSV with column {column!r})")
-    text = path.read_text(encoding="utf-8-sig")
-    first = text.splitlines()[0] if text else ""
-    delimiter = ";" if first.count(";") > first.count(",") else ","
-    rows = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    if rows.fieldnames is None or column not in rows.fieldnames:
-        raise StoreError(f"{path}: no column {column!r} (header: {rows.fieldnames})")
-    ids = []
-    for line, row in enumerate(rows, start=2):
-        value = (row.get(column) or "").strip()
-        if not value:
-            raise StoreError(f"{path}: line {line}: empty {column!r}")
-        ids.append(value[:-4] if column == "aerial_name" and value.endswith(".tif") else value)
+    ids = [v[:-4] if column == "aerial_name" and v.endswith(".tif") else v
+           for v in read_csv_column(path, column, StoreError)]
     seen: set[str] = set()
     dups = [t for t in ids if t in seen or seen.add(t)]
     if dups:

@@ -8,6 +8,7 @@ date tables or file headers) and ``read(ref)`` per tile (all rasters). ``probe``
 
 from __future__ import annotations
 
+import csv
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maestro_data.errors import SourceError
+from maestro_data.errors import MaestroError, SourceError
 from maestro_data.manifest import Manifest, ModalitySpec
 from maestro_data.tile import Series, Tile, TileRef
 
@@ -61,6 +62,34 @@ class Source(ABC):
     @abstractmethod
     def read(self, ref: TileRef) -> Tile:
         """Read every modality, mask, date and target of one tile."""
+
+
+def read_csv_column(path: Path, column: str, error: type[MaestroError] = SourceError) -> list[str]:
+    """One column of a MAESTRO-style split CSV (comma or semicolon separated, BOM tolerated, blank lines skipped).
+
+    ``error`` is the stage's exception type (a reader's SourceError, the subset import's StoreError)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"{path}: split file not found (expected a CSV with column {column!r})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable split CSV ({exc})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise error(f"{path}: empty split CSV, expected a header with column {column!r}")
+    reader = csv.reader(lines, delimiter=";" if lines[0].count(";") > lines[0].count(",") else ",")
+    header = [h.strip() for h in next(reader)]
+    if column not in header:
+        raise error(f"{path}: no column {column!r} (columns: {', '.join(header)})")
+    col = header.index(column)
+    values = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row:  # a blank line; an explicit empty value ("") is an error below
+            continue
+        if col >= len(row) or not row[col].strip():
+            raise error(f"{path}: line {lineno}: empty {column!r}")
+        values.append(row[col].strip())
+    return values
 
 
 def warn_missing_split(path: Path, split: str) -> None:

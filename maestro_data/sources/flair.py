@@ -17,7 +17,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 from pathlib import Path
@@ -38,6 +37,7 @@ from maestro_data.sources.base import (
     check_series,
     check_target_classes,
     check_unique,
+    read_csv_column,
     to_stored_dtype,
     warn_missing_split,
 )
@@ -337,30 +337,5 @@ class Flair2Source(FlairHubSource):
             if not path.is_file():
                 warn_missing_split(path, split)
                 continue
-            rows += [(pid, split, str(path)) for pid in read_patch_csv(path)]
+            rows += [(pid, split, str(path)) for pid in read_csv_column(path, "patch_id")]
         return rows
-
-
-def read_patch_csv(path: Path) -> list[str]:
-    """The ``patch_id`` column of a MAESTRO split CSV (comma or semicolon separated)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"unreadable split CSV ({exc})", path=str(path)) from None
-    lines = text.splitlines()
-    if not lines:
-        raise SourceError("empty split CSV, expected a header with a 'patch_id' column", path=str(path))
-    sep = ";" if lines[0].count(";") > lines[0].count(",") else ","
-    reader = csv.reader(lines, delimiter=sep)
-    header = [h.strip() for h in next(reader)]
-    if "patch_id" not in header:
-        raise SourceError(f"no 'patch_id' column (columns: {', '.join(header)})", path=str(path))
-    col = header.index("patch_id")
-    out = []
-    for lineno, row in enumerate(reader, start=2):
-        if not row or not any(c.strip() for c in row):
-            continue
-        if col >= len(row) or not row[col].strip():
-            raise SourceError(f"line {lineno}: empty patch_id", path=str(path))
-        out.append(row[col].strip())
-    return out
