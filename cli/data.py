@@ -13,7 +13,7 @@ import click
 from maestro_cli.common import CleanErrors
 from maestro_data.manifest import builtin_manifests, load_manifest
 
-DATASETS = builtin_manifests()
+DATASETS = builtin_manifests(variants=False)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -23,7 +23,7 @@ def _setup_logging(quiet: bool) -> None:
 
 
 @click.group(cls=CleanErrors)
-@click.version_option(package_name="maestro")
+@click.version_option(package_name="maestro-eo")
 def main() -> None:
     """Prepare MAESTRO datasets: raw layout -> zarr tile store -> subsets -> WebDataset shards."""
 

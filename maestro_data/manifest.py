@@ -52,6 +52,8 @@ class ModalitySpec:
     fusion_group: str
     cloud_mask: CloudMaskSpec | None
     tile_size: int
+    model_image_size: int = 0   # what the model resizes each date to (0: image_size, no resize)
+    embed: str = ""             # patch embedding / pixel head shared under this name (official name_embed)
 
     @property
     def stored_channels(self) -> int:
@@ -63,8 +65,17 @@ class ModalitySpec:
         return len(self.select)
 
     @property
+    def model_size(self) -> int:
+        """Side in pixels of what the model tokenizes (the official model resizes every input to it)."""
+        return self.model_image_size or self.image_size
+
+    @property
+    def embed_name(self) -> str:
+        return self.embed or self.name
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // self.patch_size
+        return self.model_size // self.patch_size
 
     @property
     def num_tokens(self) -> int:
@@ -138,12 +149,13 @@ class Manifest:
 
 
 _TOP_KEYS = {
-    "schema", "name", "title", "tile_m", "crop_m", "grid_pos_enc", "ref_input", "reference_date",
+    "schema", "extends", "name", "title", "tile_m", "crop_m", "grid_pos_enc", "ref_input", "reference_date",
     "location_crs", "splits", "modalities", "targets",
 }
 _MOD_KEYS = {
     "source", "dtype", "bands", "select", "resolution_m", "image_size", "patch_size", "temporal_bins",
-    "norm_factor", "log_scale", "rescale_elev", "norm_groups", "fusion_group", "cloud_mask",
+    "norm_factor", "log_scale", "rescale_elev", "norm_groups", "fusion_group", "cloud_mask", "model_image_size",
+    "embed",
 }
 _MASK_KEYS = {"source", "bands", "dtype", "threshold"}
 _TARGET_KEYS = {
@@ -226,8 +238,10 @@ def _parse_modality(name: str, table: dict, origin: str, tile_m: float, crop_m: 
     resolution = r.positive("resolution_m", float)
     image_size = r.positive("image_size", int)
     patch_size = r.positive("patch_size", int)
-    if image_size % patch_size:
-        raise r.error("image_size", f"{image_size} is not divisible by patch_size {patch_size}")
+    model_size = r.positive("model_image_size", int, image_size)
+    if model_size % patch_size:
+        size_key = "model_image_size" if "model_image_size" in table else "image_size"
+        raise r.error(size_key, f"{model_size} is not divisible by patch_size {patch_size}")
     crop_px = _whole(crop_m, resolution)
     if crop_px is None:
         raise r.error("resolution_m", f"crop_m {crop_m} is not a multiple of the pixel size {resolution} m")
@@ -260,6 +274,7 @@ def _parse_modality(name: str, table: dict, origin: str, tile_m: float, crop_m: 
         norm_factor=r.positive("norm_factor", float), log_scale=r.get("log_scale", bool, False),
         rescale_elev=r.get("rescale_elev", bool, False), norm_groups=norm_groups,
         fusion_group=r.get("fusion_group", str, name), cloud_mask=mask, tile_size=tile_px,
+        model_image_size=model_size if model_size != image_size else 0, embed=r.get("embed", str, ""),
     )
 
 
@@ -308,6 +323,8 @@ def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{origin}: not valid TOML: {exc}") from exc
+    if "extends" in raw:
+        raw = _extend(raw, origin)
     r = _Reader(raw, "", _TOP_KEYS, origin)
     schema = r.get("schema", int)
     if schema != SCHEMA_VERSION:
@@ -350,6 +367,7 @@ def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
         except ValueError:
             raise r.error("reference_date", f"{reference_date!r} is neither a modality nor a YYYY-MM-DD date") from None
     grid_pos_enc = r.positive("grid_pos_enc", int)
+    _check_shared_embeddings(modalities, origin)
     sr = _Reader(r.get("splits", dict), "splits", _SPLIT_KEYS, origin)
     names = sr.str_list("names")
     pretrain = sr.str_list("pretrain")
@@ -366,6 +384,46 @@ def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
         sha256=hashlib.sha256(canonical.encode()).hexdigest(),
         storage_sha256=hashlib.sha256(storage.encode()).hexdigest(), text=text,
     )
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _extend(raw: dict, origin: str) -> dict:
+    """A variant manifest: ``extends = "<built-in name>"`` plus the keys it changes (tables merged key by key).
+
+    Only built-in bases, so that the variant's text (stored in stores, indexes and checkpoints) reads the same on
+    every machine; the digests cover the merged result, so a changed base is noticed.
+    """
+    base_name = raw.pop("extends")
+    if not isinstance(base_name, str) or not (BUILTIN_DIR / f"{base_name}.toml").is_file():
+        raise ManifestError(f"{origin}: extends: {base_name!r} is not a built-in manifest "
+                            f"({', '.join(builtin_manifests())})")
+    base = tomllib.loads((BUILTIN_DIR / f"{base_name}.toml").read_text(encoding="utf-8"))
+    if "extends" in base:
+        raise ManifestError(f"{origin}: extends: {base_name!r} itself extends another manifest")
+    for section in ("modalities", "targets"):
+        unknown = sorted(set(raw.get(section, {})) - set(base.get(section, {})))
+        if unknown:
+            raise ManifestError(f"{origin}: {section}.{unknown[0]}: not in the base manifest {base_name!r}")
+    return _merge(base, raw)
+
+
+def _check_shared_embeddings(modalities: dict[str, ModalitySpec], origin: str) -> None:
+    """Modalities sharing one patch embedding (``embed``) must feed it tensors of one shape."""
+    first: dict[str, ModalitySpec] = {}
+    for m in modalities.values():
+        other = first.setdefault(m.embed_name, m)
+        if other is m:
+            continue
+        for attr in ("channels", "patch_size", "norm_groups", "model_size"):
+            if getattr(m, attr) != getattr(other, attr):
+                raise ManifestError(f"{origin}: modalities.{m.name}.embed: shares {m.embed_name!r} with "
+                                    f"{other.name!r} but its {attr} is {getattr(m, attr)}, not {getattr(other, attr)}")
 
 
 # What a build writes depends only on these keys; everything else (bins, crops, normalisation, band selection,
@@ -388,9 +446,11 @@ def _storage_fields(raw: dict) -> dict:
             "reference_date": raw["reference_date"], "splits": raw["splits"], "modalities": mods, "targets": targets}
 
 
-def builtin_manifests() -> list[str]:
-    """Names of the manifests shipped with the toolkit."""
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+def builtin_manifests(variants: bool = True) -> list[str]:
+    """Names of the manifests shipped with the toolkit (``variants=False``: the datasets only, without the
+    ``extends`` variants that change how a model reads a dataset, e.g. ``treesatai-ts-from-flair-hub``)."""
+    paths = sorted(BUILTIN_DIR.glob("*.toml"))
+    return [p.stem for p in paths if variants or "extends" not in tomllib.loads(p.read_text(encoding="utf-8"))]
 
 
 def load_manifest(name_or_path: str | Path) -> Manifest:

@@ -162,7 +162,7 @@ def formula_macs(
     spec = resolve_size(size)
     inter = _inter_depth(fusion, inter_depth, spec.enc_depth)
     seqs = encoder_sequences(manifest, fusion, multispectral)
-    pixels = sum(m.image_size**2 * m.temporal_bins * m.channels for m in manifest.modalities.values())
+    pixels = sum(m.model_size**2 * m.temporal_bins * m.channels for m in manifest.modalities.values())
     out = {"patchify": pixels * spec.enc_dim}
     if phase == "pretrain":
         visible = [visible_tokens(s.length, mask_ratio) for s in seqs]

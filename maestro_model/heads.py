@@ -34,12 +34,24 @@ class AttentiveReduce(nn.Module):
         return self.norm_fc(out.reshape(n, c))
 
 
-class MultilabelHead(nn.Module):
-    """Attentive pooling over every encoder token of every modality, then Linear(C_e, K)."""
+class MeanReduce(nn.Module):
+    """Pool ``[N, T, C]`` -> ``[N, C]`` by a plain mean over tokens (official ``type_head="linear"``, no weights)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def make_reduce(kind: str, dim: int) -> nn.Module:
+    """The pooling of a head: ``attentive`` (default) or ``linear`` (mean)."""
+    return AttentiveReduce(dim) if kind == "attentive" else MeanReduce()
+
+
+class MultilabelHead(nn.Module):
+    """Attentive pooling (or a mean) over every encoder token of every modality, then Linear(C_e, K)."""
+
+    def __init__(self, dim: int, num_classes: int, pool: str = "attentive"):
         super().__init__()
-        self.reduce = AttentiveReduce(dim)
+        self.reduce = make_reduce(pool, dim)
         self.linear = nn.Linear(dim, num_classes)
 
     def forward(self, feats: dict[str, torch.Tensor], record: dict | None = None, name: str = "") -> torch.Tensor:
@@ -55,10 +67,10 @@ class SegmentationHead(nn.Module):
     """Features resized bilinearly to the reference token grid, pooled per position over all modalities and dates,
     then a 1x1 conv C_e -> K*p^2 read as (p1, p2, K) and pixel-shuffled to ``[B, K, g*p, g*p]``."""
 
-    def __init__(self, dim: int, num_classes: int, ref_grid: int, patch: int):
+    def __init__(self, dim: int, num_classes: int, ref_grid: int, patch: int, pool: str = "attentive"):
         super().__init__()
         self.ref_grid, self.patch, self.num_classes = ref_grid, patch, num_classes
-        self.reduce = AttentiveReduce(dim)
+        self.reduce = make_reduce(pool, dim)
         self.conv = nn.Conv2d(dim, num_classes * patch * patch, kernel_size=1)
 
     def align(self, f: torch.Tensor) -> torch.Tensor:

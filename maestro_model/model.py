@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from maestro_data.batch import BatchError, check_batch
@@ -47,9 +48,12 @@ SIZES = {
 }
 SIZE_ALIASES = {"medium": "base"}
 FUSIONS = ("shared", "monotemp", "mod", "group", "inter-group")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+HEADS = ("attentive", "linear")
 MULTISPECTRAL = ("joint", "token")
 PHASES = ("pretrain", "probe", "finetune")
 DEFAULT_INTER_DEPTH = 3
+OTHER_OPTIONS = ("pos_grid", "loss", "norm", "loss_weighting", "interpolate", "date_encoding", "head", "debug_checks")
 MASK_OPTIONS = {"mask_ratio": "ratio", "mask_scale": "scale", "mask_mod": "p_mod", "mask_bands": "p_bands",
                 "mask_dates": "p_dates", "mask_loc": "p_loc", "trim": "trim"}
 
@@ -81,6 +85,9 @@ class ModelConfig:
     norm: str | None = None         # overrides the normalisation implied by `loss`: patch-group | patch | none
     loss_weighting: str = "official"  # official: modalities weighted by token count; paper: every group equally
     mask: MaskConfig = field(default_factory=MaskConfig)
+    interpolate: str = "nearest"    # how inputs are resized to a modality's model_image_size (official default)
+    date_encoding: bool = True      # False: the official use_date_enc=False ablation (temporal encodings x 0)
+    head: str = "attentive"         # attentive pooling, or linear: a plain mean over tokens (official type_head)
     debug_checks: bool = False      # NaN/inf checks on inputs and intermediates (a device sync each): off by default
 
 
@@ -120,14 +127,24 @@ def build_model(manifest: Manifest | str, size: str = "base", fusion: str = "int
             dims[key] = value
         elif key in MASK_OPTIONS:
             mask_kw[MASK_OPTIONS[key]] = value
-        elif key in ("pos_grid", "loss", "norm", "loss_weighting", "debug_checks"):
+        elif key in OTHER_OPTIONS:
             rest[key] = value
         else:
-            valid = sorted([*DIM_KEYS, *MASK_OPTIONS, "pos_grid", "loss", "norm", "loss_weighting", "debug_checks"])
+            valid = sorted([*DIM_KEYS, *MASK_OPTIONS, *OTHER_OPTIONS])
             raise ModelError(f"unknown model option {key!r} (valid: {', '.join(valid)})")
     cfg = ModelConfig(size=size, fusion=fusion, multispectral=multispectral, inter_depth=inter_depth, **dims,
                       mask=MaskConfig(**mask_kw), **rest)
     return MaestroModel(manifest, cfg)
+
+
+def resize_and_rescale(x: torch.Tensor, size: int, mode: str, rescale_elev: bool) -> torch.Tensor:
+    """``[B, D, C, H, W]`` -> every date resized to ``size`` x ``size`` (``mode``; skipped when already that size),
+    then for elevation channel 1 := 30 * (ch0 - ch1): the official model's first step (``resize_and_rescale``)."""
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x.flatten(0, 1), size=(size, size), mode=mode).unflatten(0, x.shape[:2])
+    if rescale_elev:
+        x = torch.cat([x[:, :, :1], 30 * (x[:, :, :1] - x[:, :, 1:2]), x[:, :, 2:]], dim=2)
+    return x
 
 
 def _validate(manifest: Manifest, cfg: ModelConfig) -> None:
@@ -148,6 +165,10 @@ def _validate(manifest: Manifest, cfg: ModelConfig) -> None:
         parse_loss(cfg.loss, cfg.norm)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    if cfg.interpolate not in INTERPOLATIONS:
+        raise ModelError(f"interpolate must be one of {', '.join(INTERPOLATIONS)}, got {cfg.interpolate!r}")
+    if cfg.head not in HEADS:
+        raise ModelError(f"head must be one of {', '.join(HEADS)}, got {cfg.head!r}")
     if cfg.loss_weighting not in ("official", "paper"):
         raise ModelError(f"loss_weighting must be official or paper, got {cfg.loss_weighting!r}")
     for t in manifest.targets.values():
@@ -179,7 +200,12 @@ class MaestroModel(nn.Module):
         def blocks(dim: int, depth: int, heads: int, dim_head: int, mlp: int) -> Transformer:
             return Transformer(dim, depth, heads, dim_head, mlp)
 
-        self.patch_embed = nn.ModuleDict({m: Patchify(self.bands[m], ce, s.patch_size) for m, s in mods.items()})
+        # modalities with one `embed` name share the patch embedding and pixel head (official name_embed)
+        self.patch_embed, self.embed_to_rec = nn.ModuleDict(), nn.ModuleDict()
+        for m, s in mods.items():
+            if s.embed_name not in self.patch_embed:
+                self.patch_embed[s.embed_name] = Patchify(self.bands[m], ce, s.patch_size)
+                self.embed_to_rec[s.embed_name] = Pixelify(self.bands[m], cd, s.patch_size, s.grid_size)
         self.encoder = nn.ModuleDict({k: blocks(ce, c.depth - c.inter_depth, c.heads, c.dim_head, ce * c.mlp_ratio)
                                       for k in keys})
         self.encoder_inter = (blocks(ce, c.inter_depth, c.heads, c.dim_head, ce * c.mlp_ratio)
@@ -187,17 +213,15 @@ class MaestroModel(nn.Module):
         self.enc_to_dec = nn.ModuleDict({k: nn.Linear(ce, cd) if ce != cd else nn.Identity() for k in keys})
         self.decoder = nn.ModuleDict({k: blocks(cd, c.decoder_depth, c.decoder_heads, c.decoder_dim_head,
                                                 ce * c.decoder_mlp_ratio) for k in keys})
-        self.embed_to_rec = nn.ModuleDict({m: Pixelify(self.bands[m], cd, s.patch_size, s.grid_size)
-                                           for m, s in mods.items()})
         self.mask_token = nn.ParameterDict({m: nn.Parameter(torch.randn(1, len(self.bands[m]), 1, 1, cd))
                                             for m in mods})
         self.heads = nn.ModuleDict()
         for t in manifest.targets.values():
             if t.type == "multilabel":
-                self.heads[t.name] = MultilabelHead(ce, t.num_classes)
+                self.heads[t.name] = MultilabelHead(ce, t.num_classes, c.head)
             else:
                 grid = mods[manifest.ref_input].grid_size
-                self.heads[t.name] = SegmentationHead(ce, t.num_classes, grid, t.image_size // grid)
+                self.heads[t.name] = SegmentationHead(ce, t.num_classes, grid, t.image_size // grid, c.head)
         fine = enc.fine_grid_size(manifest.grid_pos_enc, [s.grid_size for s in mods.values()], c.pos_grid)
         for m, s in mods.items():
             self.register_buffer(f"enc_pos_{m}", enc.spatial_encoding(fine, s.grid_size, ce), persistent=False)
@@ -209,17 +233,23 @@ class MaestroModel(nn.Module):
     # ----------------------------------------------------------------------------------------------- inputs
     def prepare(self, batch: dict) -> dict[str, torch.Tensor]:
         """Model inputs as float32: deferred normalisation of integer inputs (``device.normalise_tensor``, the
-        loader's own), then the FLAIR elevation rescale (channel 1 := 30 * (ch0 - ch1)); the result is also the
-        reconstruction target (model-spec §0)."""
+        loader's own), every date resized to ``model_image_size`` when it differs from the data (``interpolate``
+        mode), then the FLAIR elevation rescale (channel 1 := 30 * (ch0 - ch1)); the result is also the
+        reconstruction target (model-spec §0, official ``resize_and_rescale``)."""
         out = {}
         for m, s in self.manifest.modalities.items():
             x = torch.as_tensor(batch[m])
             if not x.is_floating_point():
                 x = normalise_tensor(x, s.log_scale, s.norm_factor)
-            if s.rescale_elev:
-                x = torch.cat([x[:, :, :1], 30 * (x[:, :, :1] - x[:, :, 1:2]), x[:, :, 2:]], dim=2)
-            out[m] = x
+            out[m] = resize_and_rescale(x, s.model_size, self.config.interpolate, s.rescale_elev)
         return out
+
+    def _dates(self, batch: dict, m: str, ref: torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
+        """Temporal encoding of modality ``m`` -> ``[B, G*D, 1, dim]`` (x 0 without date encodings, as officially)."""
+        date = enc.date_encoding(torch.as_tensor(batch[f"{m}_dates"]).to(device), ref.to(device), dim)
+        if not self.config.date_encoding:
+            date = date * 0.0
+        return date.repeat(1, self.layouts[m].bands, 1)[:, :, None]
 
     def _finite(self, name: str, x: torch.Tensor) -> None:
         if self.config.debug_checks and not bool(torch.isfinite(x).all()):
@@ -229,10 +259,10 @@ class MaestroModel(nn.Module):
         """Per modality: patch embedding + spatial + temporal encoding -> ``[B, G*D, L, C_e]``."""
         ref = torch.as_tensor(batch["ref_date"])
         out = {}
-        for m, e in ((m, self.patch_embed[m](v)) for m, v in x.items()):
+        mods = self.manifest.modalities
+        for m, e in ((m, self.patch_embed[mods[m].embed_name](v)) for m, v in x.items()):
             pos = getattr(self, f"enc_pos_{m}")
-            date = enc.date_encoding(torch.as_tensor(batch[f"{m}_dates"]).to(e.device), ref.to(e.device),
-                                     self.config.embed_dim).repeat(1, self.layouts[m].bands, 1)[:, :, None]
+            date = self._dates(batch, m, ref, self.config.embed_dim, e.device)
             out[m] = e + pos + date
             self._finite(f"embedded tokens of {m}", out[m])
             if record is not None:
@@ -351,14 +381,14 @@ class MaestroModel(nn.Module):
         ref = torch.as_tensor(batch["ref_date"]).to(device)
         per_mod = self._ungroup(dec_in)
         for m, v in per_mod.items():
-            date = enc.date_encoding(torch.as_tensor(batch[f"{m}_dates"]).to(device), ref, cd)
-            date = date.repeat(1, self.layouts[m].bands, 1)[:, :, None]
+            date = self._dates(batch, m, ref, cd, device)
             per_mod[m] = v + getattr(self, f"dec_pos_{m}") + date
             if record is not None:
                 record[f"dec_date_{m}"] = date.expand_as(v)
         dec_rows = {s.name: to_rows(per_mod, s) for s in self.sequences}
         dec_out = self._ungroup({k: self._module(self.decoder, k)(v) for k, v in dec_rows.items()})
-        pixels = {m: self.embed_to_rec[m](v) for m, v in dec_out.items()}
+        mods = self.manifest.modalities
+        pixels = {m: self.embed_to_rec[mods[m].embed_name](v) for m, v in dec_out.items()}
         for m, v in pixels.items():
             self._finite(f"reconstruction of {m}", v)
         loss, losses = reconstruction_loss(x, pixels, masks, self.recon_specs, loss=self.config.loss,

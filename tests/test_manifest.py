@@ -11,7 +11,9 @@ from maestro_data.manifest import builtin_manifests, load_manifest, parse_manife
 
 
 def test_builtin_manifests_are_the_four_datasets():
-    assert builtin_manifests() == ["flair-hub", "flair2", "pastis-hd", "treesatai-ts"]
+    assert builtin_manifests(variants=False) == ["flair-hub", "flair2", "pastis-hd", "treesatai-ts"]
+    assert set(builtin_manifests()) - set(builtin_manifests(variants=False)) == {
+        "treesatai-ts-from-flair-hub", "treesatai-ts-from-s2-naip"}
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 import torch
+from modelkit import TINY, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maestro_data.batch import BatchError, check_batch, expected_shapes
@@ -27,32 +28,12 @@ from maestro_model.masking import (
 )
 from maestro_model.model import FUSIONS, ModelError, build_model
 
-TINY = dict(embed_dim=24, depth=2, heads=2, dim_head=8, mlp_ratio=2, decoder_dim=16, decoder_depth=1,
-            decoder_heads=2, decoder_dim_head=8, decoder_mlp_ratio=2)
-
 
 def tiny(dataset: str, fusion: str = "group", **kw):
     torch.manual_seed(0)
     inter = {"inter_depth": 1} if fusion == "inter-group" else {}
     return build_model(dataset, "tiny", fusion, **inter, **{**TINY, **kw})
 
-
-def make_batch(manifest, b: int, seed: int = 0) -> dict:
-    """Random batch following the contract (float inputs, sorted dates, targets with some missing values)."""
-    g = torch.Generator().manual_seed(seed)
-    batch = {"ref_date": torch.tensor([[[2019, 182, 0]]] * b, dtype=torch.int16)}
-    for m in manifest.modalities.values():
-        batch[m.name] = torch.rand((b, m.temporal_bins, m.channels, m.image_size, m.image_size), generator=g)
-        doy = torch.sort(torch.randint(1, 366, (b, m.temporal_bins), generator=g), dim=1).values
-        batch[f"{m.name}_dates"] = torch.stack([torch.full_like(doy, 2019), doy, torch.zeros_like(doy)], -1).short()
-    for t in manifest.targets.values():
-        if t.type == "multilabel":
-            batch[t.name] = (torch.rand((b, t.num_classes), generator=g) > 0.5).float()
-        else:
-            y = torch.randint(0, t.num_classes, (b, t.image_size, t.image_size), generator=g)
-            y[:, 0] = t.missing_value
-            batch[t.name] = y
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------- encodings
