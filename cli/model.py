@@ -32,7 +32,7 @@ def _measure(manifest: Manifest, size: str, fusion: str, multispectral: str, int
 def _common(func: Callable) -> Callable:
     """The options every subcommand shares."""
     options = [
-        click.option("--dataset", required=True, help="Built-in manifest name (e.g. flair-hub) or a manifest path."),
+        click.option("--dataset", help="Built-in manifest name (e.g. flair-hub) or a manifest path."),
         click.option("--size", type=click.Choice(SIZE_CHOICES), default="base", show_default=True),
         click.option("--fusion", type=click.Choice(F.FUSION_MODES), default="group", show_default=True,
                      help="Fusion mode (the paper's Tables 20-21 use group; the official default is inter-group)."),
@@ -85,6 +85,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="maestro-eo")
 def main() -> None:
     """MAESTRO model accounting: FLOPs (paper formula vs our implementation), parameters, tokens."""
 
@@ -94,6 +95,8 @@ def main() -> None:
 def flops(dataset: str, size: str, fusion: str, multispectral: str, inter_depth: int | None, measure: bool,
           device: str, as_json: bool) -> None:
     """Forward GFLOPs per sample: the paper's §9.1 formula next to the flop counter on our model."""
+    if not dataset:
+        raise click.UsageError("give --dataset")
     manifest = load_manifest(dataset)
     report = flops_report(manifest, size, fusion, multispectral, inter_depth, measure, device)
     if as_json:
@@ -119,9 +122,22 @@ def flops(dataset: str, size: str, fusion: str, multispectral: str, inter_depth:
 
 @main.command()
 @_common
-def info(dataset: str, size: str, fusion: str, multispectral: str, inter_depth: int | None, measure: bool,
-         device: str, as_json: bool) -> None:
-    """Tokens per modality and per encoder sequence (all and visible at pre-training), and parameters."""
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Describe a checkpoint instead (official .ckpt, state dict or safetensors): its recorded "
+                   "settings, parameters, and the modalities / groups / heads its weights cover; with --dataset, "
+                   "also what would load into the model it needs for that dataset.")
+@click.option("--trust-checkpoint", is_flag=True, help="Unpickle --checkpoint fully (runs its code).")
+def info(dataset: str | None, size: str, fusion: str, multispectral: str, inter_depth: int | None, measure: bool,
+         device: str, as_json: bool, checkpoint: str | None, trust_checkpoint: bool) -> None:
+    """Tokens per modality and per encoder sequence (all and visible at pre-training), and parameters; or what a
+    checkpoint holds (--checkpoint)."""
+    if checkpoint:
+        from maestro_cli.checkpoint_info import show_checkpoint
+
+        show_checkpoint(checkpoint, dataset, as_json, trust_checkpoint)
+        return
+    if not dataset:
+        raise click.UsageError("give --dataset (or --checkpoint FILE)")
     manifest = load_manifest(dataset)
     try:
         tokens = F.modality_tokens(manifest, multispectral)

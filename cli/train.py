@@ -32,9 +32,9 @@ def _overrides(phases: tuple[str, ...], opts: dict) -> dict:
     for name, key in simple.items():
         if opts.get(name) is not None:
             out[key] = opts[name]
-    for flag in ("cpu", "quiet"):
+    for flag, key in (("cpu", "cpu"), ("quiet", "quiet"), ("trust_checkpoint", "init_trust")):
         if opts.get(flag):
-            out[f"train.{flag}"] = True
+            out[f"train.{key}"] = True
     for name, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "base_lr"),
                       ("grad_accum", "grad_accum")):
         if opts.get(name) is not None:
@@ -67,6 +67,9 @@ def _options(f):
         click.option("--output-dir", help="Run folder: config, checkpoints, exported weights, metrics."),
         click.option("--resume", help="'auto' (latest checkpoint of --output-dir) or a checkpoint folder."),
         click.option("--init", help="Initial weights: official IGNF .ckpt, state dict or maestro safetensors."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Unpickle --init fully, running any code it names (only for files you trust; official "
+                          "checkpoints load without it)."),
         click.option("--checkpoint-every", type=click.IntRange(0), help="Optimizer steps between checkpoints."),
         click.option("--cpu", is_flag=True, help="Train on CPU even where a GPU exists."),
         click.option("--set", "set", multiple=True, metavar="KEY=VALUE",
@@ -109,7 +112,7 @@ def _run(command: str, config_path: Path | None, show_config: bool, **opts) -> N
 
 
 @click.group(cls=CleanErrors)
-@click.version_option(package_name="maestro")
+@click.version_option(package_name="maestro-eo")
 def main() -> None:
     """Train MAESTRO with Accelerate: pretrain -> probe -> finetune (paper protocol, official defaults)."""
 

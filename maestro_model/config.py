@@ -74,7 +74,11 @@ class TrainSection:
     keep_checkpoints: int = 2
     init: str = ""                  # weights to start from: official IGNF .ckpt, state dict or our safetensors
     init_which: str = "model"       # model | ema_model (official checkpoints hold both)
-    init_strict: bool = True
+    init_strict: bool = True        # false: load what fits (a transfer), refused when the shared encoder would not
+    init_force: bool = False        # non-strict init even when encoder tensors of the shared modalities stay random
+    init_settings: str = "check"    # check | warn | ignore: settings the init checkpoint records vs the model's
+    init_ema: str = "checkpoint"    # checkpoint: the EMA starts from the file's ema_model (official) | restart
+    init_trust: bool = False        # unpickle the init file fully (runs its code): only for files you trust
     cpu: bool = False               # force CPU even where a GPU exists
     threads: int = 0                # intra-op CPU threads per process (0: torch's default). CPU sums are split per
                                     # thread, so bit-identical (resumed) CPU runs need the same count throughout
@@ -219,6 +223,10 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
             raise bad(f"train.{key}", f"must be official or paper, got {getattr(cfg.train, key)!r}")
     if cfg.train.init_which not in ("model", "ema_model"):
         raise bad("train.init_which", f"must be model or ema_model, got {cfg.train.init_which!r}")
+    if cfg.train.init_settings not in ("check", "warn", "ignore"):
+        raise bad("train.init_settings", f"must be check, warn or ignore, got {cfg.train.init_settings!r}")
+    if cfg.train.init_ema not in ("checkpoint", "restart"):
+        raise bad("train.init_ema", f"must be checkpoint or restart, got {cfg.train.init_ema!r}")
     for key in ("checkpoint_every", "exit_after_steps", "threads"):
         if getattr(cfg.train, key) < 0:
             raise bad(f"train.{key}", "must be >= 0")

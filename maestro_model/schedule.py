@@ -99,6 +99,14 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}
 
+    @torch.no_grad()
+    def load_partial(self, state: dict[str, torch.Tensor], names: list[str]) -> int:
+        """Take the averaged values of ``names`` from ``state`` (a transfer: the rest keeps the model's start)."""
+        taken = [n for n in names if n in self.shadow and n in state and state[n].shape == self.shadow[n].shape]
+        for n in taken:
+            self.shadow[n].copy_(state[n].to(self.shadow[n].device, self.shadow[n].dtype))
+        return len(taken)
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = sorted(set(self.shadow) - set(state))
         extra = sorted(set(state) - set(self.shadow))

@@ -31,7 +31,7 @@ from maestro_data.manifest import load_manifest
 from maestro_data.shard_read import check_manifest, open_index
 from maestro_data.stream import StreamConfig, StreamLoader, load_table
 from maestro_model import schedule
-from maestro_model.checkpoints import load_weights, save_model
+from maestro_model.checkpoints import load_weights, read_checkpoint, read_state_dict, save_model
 from maestro_model.config import PHASES, RETIRED, TrainConfig
 from maestro_model.model import build_model
 from maestro_model.train_loop import Progress, TrainError, run_phase
@@ -117,9 +117,12 @@ class Trainer:
 
     def _initial_weights(self, model: torch.nn.Module) -> None:
         t = self.cfg.train
+        self.init_ckpt, self.init_report = None, None
         if t.init:
-            report = load_weights(model, t.init, which=t.init_which, strict=t.init_strict, trusted=False)
-            log.info("initial weights: %s (%d tensors)", t.init, report.loaded)
+            self.init_ckpt = read_checkpoint(t.init, trusted=t.init_trust)
+            self.init_report = load_weights(model, self.init_ckpt, which=t.init_which, strict=t.init_strict,
+                                            settings=t.init_settings, force=t.init_force)
+            log.info("initial weights: %s (%s, %d tensors)", t.init, t.init_which, self.init_report.loaded)
         elif (prev := self._previous_export()) is not None:
             load_weights(model, prev / "model.safetensors")
             log.info("initial weights: %s (previous phase of this output folder)", prev / "model.safetensors")
@@ -128,7 +131,14 @@ class Trainer:
                         self.phases[0], self.out)
 
     def _initial_ema(self, model: torch.nn.Module) -> None:
-        prev = None if self.cfg.train.init else self._previous_export()
+        t = self.cfg.train
+        if self.ema is not None and self.init_ckpt is not None and t.init_ema == "checkpoint" \
+                and "ema_model" in self.init_ckpt.prefixes:
+            # as the official load_from_checkpoint: the averaged copy continues from the file's own ema_model
+            n = self.ema.load_partial(read_state_dict(self.init_ckpt, which="ema_model"), self.init_report.loaded_keys)
+            log.info("EMA restored from %s (ema_model, %d tensors)", t.init, n)
+            return
+        prev = None if t.init else self._previous_export()
         if self.ema is not None and prev is not None and (prev / EMA_FILE).is_file():
             self.ema.load_state_dict(load_file(prev / EMA_FILE))
 
@@ -140,7 +150,7 @@ class Trainer:
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(folder / EMA_FILE))
                 with self.ema.applied(self.raw):
-                    save_model(self.raw, folder / "model-ema.safetensors")
+                    save_model(self.raw, folder / "model-ema.safetensors", ema=True)
             (folder / "config.toml").write_text(self.cfg.to_toml())
         return folder
 

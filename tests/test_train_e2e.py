@@ -23,7 +23,7 @@ from maestro_data.manifest import load_manifest
 from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.synthetic import generate, temporal_labels
 from maestro_model import train_loop
-from maestro_model.checkpoints import load_model
+from maestro_model.checkpoints import CheckpointError, load_model
 from maestro_model.config import load_config
 from maestro_model.model import build_model
 from maestro_model.train import Trainer, TrainError, train
@@ -277,3 +277,32 @@ def test_index_opened_once_and_each_loader_built_once_per_phase(shards, tmp_path
     history = train(cfg, ("finetune",))["finetune"]["history"]
     assert [r["samples_val"] for r in history] == [4, 4]  # the reused val loader yields every sample each epoch
     assert len(opened) == 1 and tables == ["train", "val", "test"]
+
+
+# ------------------------------------------------------------------------------------------------ --init transfer
+@pytest.mark.parametrize("init_ema", ["checkpoint", "restart"])
+def test_init_transfers_the_encoder_and_restores_the_checkpoints_ema(shards, tmp_path, init_ema):
+    """FLAIR-HUB weights (model + ema_model, as an official file) -> the TreeSatAI-TS recipe variant."""
+    demo = load_config(DEMO, {})
+    kw = dict(inter_depth=demo.model.inter_depth, **demo.model.options)
+    torch.manual_seed(3)
+    raw = build_model("flair-hub", demo.model.size, demo.model.fusion, **kw).state_dict()
+    torch.manual_seed(4)
+    ema = build_model("flair-hub", demo.model.size, demo.model.fusion, **kw).state_dict()
+    path = tmp_path / "pretrain-epoch=99.ckpt"
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in raw.items()},
+                               **{f"ema_model.{k}": v for k, v in ema.items()}}, "epoch": 99}, path)
+    over = _overrides(shards, tmp_path / "run", **{"data.manifest": "treesatai-ts-from-flair-hub",
+                                                    "train.init": str(path), "train.init_strict": False,
+                                                    "train.init_ema": init_ema})
+    trainer = Trainer(load_config(DEMO, over), ("probe",))
+    own = trainer.raw.state_dict()
+    key = "patch_embed.aerial.patchify_bands.0.conv.weight"
+    assert torch.equal(own[key], raw[key]) and torch.equal(own["encoder_inter.norm.weight"],
+                                                            raw["encoder_inter.norm.weight"])
+    expected = ema if init_ema == "checkpoint" else raw
+    assert torch.equal(trainer.ema.shadow[key], expected[key])
+    head = "heads.treesat_mlc_thresh.linear.weight"  # not in the file: the EMA starts from the new head
+    assert torch.equal(trainer.ema.shadow[head], own[head])
+    with pytest.raises(CheckpointError, match=r"partial load refused.*patch_embed\.aerial"):
+        Trainer(load_config(DEMO, {**over, "data.manifest": "treesatai-ts"}), ("probe",))
