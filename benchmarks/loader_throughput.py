@@ -94,7 +94,8 @@ def official_style(raw: Path, store: TileStore, mode: str, seconds: float) -> tu
                         mask = src.read(window=window).reshape(-1, len(spec.cloud_mask.bands), size, size)
                 t, d = data.shape[0], spec.temporal_bins
                 idx = select_steps(data, d, mask=mask, threshold=spec.cloud_mask.threshold if mask is not None else 0,
-                                   mode=mode, rng=rng if mode == "train" else None) if t != d else np.arange(t)
+                                   mode=mode, rng=rng if mode == "train" else None,
+                                   channels=spec.select) if t != d else np.arange(t)
                 x, _ = apply_selection(data, dates[m][i], idx)
                 x = normalise(x[:, list(spec.select)], spec.log_scale, spec.norm_factor)
                 out[m] = np.ascontiguousarray(d4_apply(x, k))  # the official flips/transposes copy

@@ -41,7 +41,10 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build in OUT.")
 @click.option("--split-set", type=click.IntRange(1, 5), help="FLAIR-HUB split set (GLOBAL_ALL_MTD_SPLIT split_<k>).")
-@click.option("--fold", type=click.IntRange(1, 5), default=1, show_default=True, help="PASTIS-HD fold (I..V).")
+@click.option("--fold", type=click.IntRange(1, 5),
+              help="PASTIS-HD fold k: {stage}_fold_{k}.csv when present, else the Fold rule rotated by k-1. "
+                   "Without it, as the official reader: train.csv/val.csv/test.csv when present, else fold I "
+                   "(train 1-3, val 4, test 5).")
 @click.option("--block-tiles", type=click.IntRange(1), default=32, show_default=True,
               help="Tiles per zarr shard (one process writes one block).")
 @click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
@@ -52,7 +55,7 @@ def main() -> None:
 @click.option("--no-shards", is_flag=True, help="Stop after the tile store and its subsets.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, workers: int, limit: int | None,
-          on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int, block_tiles: int,
+          on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int | None, block_tiles: int,
           splits_from: Path | None, percents: str, shard_size: str, seed: int, no_shards: bool, quiet: bool) -> None:
     """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
     from maestro_data.build import BuildOptions, build_store, compute_subsets
@@ -72,6 +75,8 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         sizes = f"{report['bytes_in'] / 1e6:.1f} MB in -> {sizes} ({report['bytes_out'] / report['bytes_in']:.2f}x)"
     click.echo(f"built {report['tiles_written']} tiles of {dataset} in {report['seconds']:.1f} s "
                f"({report['tiles_skipped']} skipped); {sizes}")
+    if report["splits_from"]:
+        click.echo(f"splits from: {report['splits_from']}")
     nans = {m: n for m, n in report["nan_values"].items() if n}
     if nans:
         click.echo(f"NaN values kept (real data): {nans}")
@@ -170,6 +175,7 @@ def info(path: str, as_json: bool) -> None:
     click.echo(f"{summary['dataset']} tile store at {summary['path']} ({summary['bytes'] / 1e6:.1f} MB)")
     click.echo(f"tiles: {summary['tiles']} ({summary['skipped']} skipped)  splits: "
                + ", ".join(f"{k}={v}" for k, v in summary["splits"].items()))
+    _echo_split_origin(summary["splits_from"], summary["old_split_default"])
     for name, m in summary["modalities"].items():
         click.echo(f"  {name:8s} {m['dtype']:8s} step {tuple(m['step_shape'])}  dates min/median/max "
                    f"{m['dates_min']}/{m['dates_median']:g}/{m['dates_max']}" + ("  + cloud mask" if m["cloud_mask"]
@@ -177,21 +183,34 @@ def info(path: str, as_json: bool) -> None:
     click.echo(f"targets: {', '.join(summary['targets'])}")
 
 
+def _echo_split_origin(text: str | None, old_default: bool) -> None:
+    if text:
+        click.echo(f"splits from: {text}")
+    if old_default:
+        click.echo("warning: built with the old split default (see 'splits from')", err=True)
+
+
 def _index_info(location: str, as_json: bool) -> None:
+    from maestro_data import split_origin
+    from maestro_data.manifest import parse_manifest
     from maestro_data.shard_read import open_index
 
     index, loc = open_index(location)
+    manifest = parse_manifest(index["manifest"]["text"], origin=loc)
+    # shards written before the index recorded it: nothing known beyond the dataset's kind of splits
+    origin = index["split_origin"] if "split_origin" in index else \
+        split_origin.stored_origin({}, by_folds=manifest.splits.source == "folds")
     rows = {split: {tier: {"shards": len(e), "samples": sum(x["samples"] for x in e),
                            "bytes": sum(x["bytes"] for x in e)} for tier, e in info["tiers"].items()}
             for split, info in index["splits"].items()}
     if as_json:
-        click.echo(json.dumps({"index": loc, "dataset": index["manifest"]["name"], "splits": rows}, indent=2))
+        click.echo(json.dumps({"index": loc, "dataset": manifest.name, "splits": rows, "split_origin": origin,
+                               "splits_from": split_origin.describe(origin),
+                               "old_split_default": split_origin.is_old_default(origin)}, indent=2))
         return
-    from maestro_data.manifest import parse_manifest
-
-    manifest = parse_manifest(index["manifest"]["text"], origin=loc)
     click.echo(f"{manifest.name} shards at {loc} (toolkit {index['toolkit_version']}, manifest "
                f"{manifest.sha256[:12]})")
+    _echo_split_origin(split_origin.describe(origin), split_origin.is_old_default(origin))
     for split, tiers in rows.items():
         for tier, r in sorted(tiers.items(), key=lambda kv: int(kv[0])):
             click.echo(f"  {split:6s} tier {tier:>3s}%: {r['samples']:6d} tiles in {r['shards']} shard(s), "

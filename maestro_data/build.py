@@ -29,6 +29,7 @@ from maestro_data.errors import SourceError, StoreError
 from maestro_data.manifest import Manifest
 from maestro_data.sources import Source, SourceOptions, open_source
 from maestro_data.sources.base import GDAL_READ_OPTIONS
+from maestro_data.split_origin import describe as describe_split_origin
 from maestro_data.store import StorePlan, create_store, make_plan, tree_bytes, write_block
 from maestro_data.tile import TileRef
 
@@ -168,6 +169,7 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
                           "manifest_sha256": manifest.sha256,
                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "source_options": {"split_set": options.source.split_set, "fold": options.source.fold},
+                          "splits": source.split_origin,
                           "on_error": options.on_error, "limit": options.limit}
             _atomic_json(out / BUILD_DIR / "probe.json", {"skipped": skipped})
             create_store(store, manifest, plan, provenance)
@@ -196,11 +198,11 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
             pool.shutdown(cancel_futures=True)
         _W.clear()  # the serial path ran the worker code in this process: drop its open store and source
     return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0,
-                   count_source=options.limit is None)
+                   count_source=options.limit is None, split_origin=source.split_origin)
 
 
 def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePlan, skipped: list[dict],
-            seconds: float, count_source: bool) -> dict:
+            seconds: float, count_source: bool, split_origin: dict | None) -> dict:
     markers = [json.loads(p.read_text()) for p in sorted((out / BUILD_DIR / "blocks").glob("*.json"))]
     if len(markers) != plan.num_blocks:
         raise StoreError(f"{store}: {len(markers)} of {plan.num_blocks} blocks converted; rerun with --resume")
@@ -214,6 +216,7 @@ def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePl
         "source": str(src), "store": str(store), "tiles_written": written, "tiles_skipped": len(skipped),
         "skipped": skipped, "nan_values": nan_values, "bytes_in": src_bytes, "bytes_out": store_bytes,
         "seconds": round(seconds, 3), "blocks": plan.num_blocks,
+        "splits": split_origin, "splits_from": describe_split_origin(split_origin),
     }
     root = zarr.open_group(str(store), mode="r+")
     root.attrs["complete"] = True
@@ -240,7 +243,8 @@ def compute_subsets(store_path: str | Path, percents: tuple[int, ...] = (5, 20),
     splits = store.manifest.splits.names
     if splits_from is not None:
         tiles = {t: s for t, s, v in zip(store.tile_ids, store.splits, store.valid, strict=True) if v}
-        # fold-based datasets (PASTIS-HD) publish subsets per fold: {stage}_filtered_{p}_fold_{k}.csv
+        # fold-based datasets (PASTIS-HD) name subsets as their splits: {stage}_filtered_{p}_fold_{k}.csv for the
+        # built --fold k, {stage}_filtered_{p}.csv without one (the official read_csv)
         by_fold = store.manifest.splits.source == "folds"
         fold = store.attrs["provenance"]["source_options"]["fold"] if by_fold else None
         chosen = read_split_csvs(splits_from, store.manifest, percents, tiles=tiles, fold=fold)

@@ -1,17 +1,18 @@
 """The per-sample transform of the stream and the collation of samples into batches (pure numpy, no I/O).
 
-One *element* of an epoch is (decoded tile, crop index). :class:`SampleTransform` writes it straight into one row
-of preallocated batch arrays (:class:`BatchBuffer`), in the official order (model-spec §9): crop first (a view, so
-the temporal work only touches the crop) -> per-modality time-step selection on the RAW values
-(``temporal.select_steps``) -> band selection/reorder (``select``) -> float32, ``log`` where ``log_scale``,
+One *element* of an epoch is (decoded tile, crop index). :class:`SampleTransform` writes it straight into one row of
+preallocated batch arrays (:class:`BatchBuffer`), in the official order (model-spec §9): crop first (a view, so the
+temporal work only touches the crop) -> per-modality time-step selection on the RAW values of the bands the model
+receives (``temporal.select_steps`` judges deviations and NaN on the manifest's ``select`` only, as the official
+reader, which selects bands first) -> band selection/reorder (``select``) -> float32, ``log`` where ``log_scale``,
 ``/ norm_factor`` and the NaN fill of ``temporal.normalise`` (deferred to the device for integer modalities by
 default) -> labels (multilabel: fraction > threshold, NaN and ignored classes -> missing_value; segmentation: crop,
-ignored classes -> missing_value, in the smallest signed integer dtype holding every label (``label_dtype``:
-int8 for all four datasets), or with ``normalize_on_device`` (default) the stored uint8 classes, mapped on the
-device; ``device.to_model_batch`` returns the contract's int64 either way) -> D4 (one element for every raster
-and segmentation label of the element; deferred to the device by default: ``batch["d4"]``, see device.py). Big
-rasters are copied (or normalised) plane by plane from the decoded sample into the row, with no gathered temporary;
-batch memory is recycled (:class:`ArrayPool`) because first-touch page faults cost more than the copies.
+ignored classes -> missing_value, in the smallest signed integer dtype holding every label (``label_dtype``: int8
+for all four datasets), or with ``normalize_on_device`` (default) the stored uint8 classes, mapped on the device;
+``device.to_model_batch`` returns the contract's int64 either way) -> D4 (one element for every raster and
+segmentation label of the element; deferred to the device by default: ``batch["d4"]``, see device.py). Big rasters
+are copied (or normalised) plane by plane from the decoded sample into the row, with no gathered temporary; batch
+memory is recycled (:class:`ArrayPool`) because first-touch page faults cost more than the copies.
 
 Every random choice draws from ``randomness.sample_rng(seed, epoch, key, "<purpose>:<crop>")``: the crop origin,
 the temporal offset and time steps per modality, and the D4 element depend only on (seed, epoch, sample key, crop
@@ -34,7 +35,7 @@ from maestro_data.augment import crop_grid, crop_window, d4_apply, eval_crop_ori
 from maestro_data.errors import StreamError
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.randomness import sample_rng
-from maestro_data.temporal import fill_nonfinite, normalise, select_steps
+from maestro_data.temporal import channel_index, fill_nonfinite, normalise, select_steps
 
 BIG_RASTER = 4096  # pixels per step from which a raster is copied plane by plane (no gathered temporary)
 POOL_MIN_BYTES = 1 << 18  # batch arrays from which ArrayPool recycles memory
@@ -103,6 +104,8 @@ class SampleTransform:
         self.repeats = len(self.origins)
         self.select = {m: (None if s.select == tuple(range(s.stored_channels)) else np.asarray(s.select))
                        for m, s in manifest.modalities.items()}
+        # the channels the time-step choice looks at, resolved once (a slice: a view of the crop, no copy)
+        self.choice_channels = {m: channel_index(s.stored_channels, s.select) for m, s in manifest.modalities.items()}
         self.deferred = {m: deferred(s, options) for m, s in manifest.modalities.items()}
         self.luts = {t.name: label_table(t) for t in manifest.targets.values() if t.type == "segmentation"}
         # uint8 class rasters (every dataset): one gather through a table of all 256 values
@@ -185,7 +188,7 @@ class SampleTransform:
             random_offset = self.train or self.options.eval_offset == "random"
             rng = sample_rng(self.options.seed, epoch, key, f"temporal:{m}:{crop}") if random_offset else None
             idx = select_steps(data, bins, mask=mask, threshold=threshold, mode=self.options.mode, rng=rng,
-                               offset="random" if random_offset else 0)
+                               offset="random" if random_offset else 0, channels=self.choice_channels[m])
         else:  # T <= D: no truncation and no choice (temporal.py: bin d takes step floor(d*T/D))
             idx = select_steps(data, bins, mode="eval")
         dates = row[f"{m}_dates"]

@@ -208,7 +208,7 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
     index = {
         "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": options.seed,
         "manifest": {"name": store.manifest.name, "sha256": store.manifest.sha256, "text": store.manifest.text},
-        "splits": splits,
+        "splits": splits, "split_origin": store.split_origin(),
     }
     tmp = index_path.with_name(INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True, ensure_ascii=False))

@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
 from maestro_data.tile import Series, Tile
@@ -380,6 +381,15 @@ class TileStore:
                 "cloud_mask": spec.cloud_mask is not None,
             }
         size = tree_bytes(self.path)
+        origin = self.split_origin()
         return {"path": str(self.path), "dataset": self.manifest.name, "manifest_sha256": self.manifest.sha256,
                 "tiles": int(self.valid.sum()), "skipped": int((~self.valid).sum()), "splits": splits,
+                "split_origin": origin, "splits_from": origins.describe(origin),
+                "old_split_default": origins.is_old_default(origin),
                 "modalities": mods, "targets": list(self.manifest.targets), "bytes": size}
+
+    def split_origin(self) -> dict | None:
+        """Which files decided the splits (``maestro_data.split_origin``); a ``legacy`` record for a fold-split
+        store built before records existed."""
+        return origins.stored_origin(self.attrs.get("provenance") or {},
+                                    by_folds=self.manifest.splits.source == "folds")

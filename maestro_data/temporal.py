@@ -8,9 +8,11 @@ Semantics of the official reader (``maestro/dataset/dataset.py::preprocess_raste
   every step has a masked pixel ignores the mask. Masked pixels become NaN (data NaN stay NaN). A step is *valid*
   when it then holds no NaN. Eval: the valid step with the lowest mean absolute deviation to the bin's per-pixel
   nanmedian (over every non-NaN value of the bin, as the official code), lowest index on ties. Train: a
-  uniformly random valid step. Selection runs on the RAW stored values; ``normalise`` comes after. Arithmetic
-  is float32 for the stored dtypes (exact for integer data; the official precision for float32 data), with the
-  deviations summed in float64.
+  uniformly random valid step. Selection runs on the RAW stored values of exactly the channels the model
+  receives, in the manifest's ``select`` order (the official reader keeps the configured bands first: PASTIS-HD
+  S1 is judged on VV and VH, never on its stored VV/VH ratio); ``normalise`` comes after. Arithmetic is float32
+  for the stored dtypes (exact for integer data; the official precision for float32 data), with the deviations
+  summed in float64.
 * The paper writes ``⌈T/D⌉`` steps per bin, which cannot fit in T steps; no paper variant is offered.
 
 Our definitions where the official code crashes or lets NaN through:
@@ -26,6 +28,7 @@ Our definitions where the official code crashes or lets NaN through:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -118,9 +121,34 @@ def work_dtype(dtype: np.dtype) -> type[np.floating]:
     return np.float32 if exact32 or dtype.kind == "b" else np.float64
 
 
-def _masked_steps(data: np.ndarray, mask: np.ndarray | None, threshold: float, idx: np.ndarray) -> np.ndarray:
-    """The bins as float ``(S, D, C, H, W)`` (steps first) with masked pixels set to NaN (official rule)."""
-    x = data[idx.T].astype(work_dtype(data.dtype))
+Channels = slice | np.ndarray  # which stored channels the selection looks at (see channel_index)
+
+
+def channel_index(num_channels: int, channels: Sequence[int] | np.ndarray | slice | None) -> Channels:
+    """``channels`` (the manifest's ``select``) as a slice when it is an evenly spaced ascending run, so that the
+    selection reads a view of the series (no copy), else as an index array (any order). None: every channel;
+    a slice is taken as already resolved."""
+    if channels is None:
+        return slice(None)
+    if isinstance(channels, slice):
+        return channels
+    ch = np.asarray(channels, dtype=np.int64).reshape(-1)
+    if ch.size == 0 or ch.min() < 0 or ch.max() >= num_channels:
+        raise StreamError(f"channels {ch.tolist()} must be a non-empty list of indices into {num_channels} "
+                          "stored channels")
+    step = int(ch[1] - ch[0]) if ch.size > 1 else 1
+    if step > 0 and np.array_equal(ch, ch[0] + step * np.arange(ch.size)):
+        return slice(int(ch[0]), int(ch[-1]) + 1, step)
+    return ch
+
+
+def _masked_steps(data: np.ndarray, mask: np.ndarray | None, threshold: float, idx: np.ndarray,
+                  channels: Channels = slice(None)) -> np.ndarray:
+    """The bins as float ``(S, D, C, H, W)`` (steps first, only ``channels``, in their order) with masked pixels
+    set to NaN (official rule)."""
+    # one gather of the chosen steps (and, for an index array, channels): a private copy, cast without another
+    x = data[:, channels][idx.T] if isinstance(channels, slice) else data[idx.T[:, :, None], channels]
+    x = x.astype(work_dtype(data.dtype), copy=False)
     if mask is not None:
         cloudy = (mask[idx.T] > threshold).any(axis=2)  # (S, D, H, W): any mask channel
         every_step_cloudy = cloudy.any(axis=(2, 3)).all(axis=0)  # (D,)
@@ -129,21 +157,32 @@ def _masked_steps(data: np.ndarray, mask: np.ndarray | None, threshold: float, i
     return x
 
 
-def _nan_counts(data: np.ndarray, mask: np.ndarray | None, threshold: float, idx: np.ndarray) -> np.ndarray:
-    """``np.isnan(_masked_steps(...)).sum(axis=(2, 3, 4)).T`` (D, S), from per-step counts on the raw series:
-    the NaN of a step are its data NaN united with its masked pixels (on every channel)."""
-    t, c = data.shape[:2]
+def _nan_counts(data: np.ndarray, mask: np.ndarray | None, threshold: float, idx: np.ndarray,
+                channels: Channels = slice(None)) -> np.ndarray:
+    """``np.isnan(_masked_steps(..., channels)).sum(axis=(2, 3, 4)).T`` (D, S), from per-step counts on the raw
+    series: the NaN of a step are its data NaN united with its masked pixels (on every chosen channel)."""
+    pick = None
+    if isinstance(channels, slice):
+        data = data[:, channels]  # a view: NaN are only looked for in the chosen channels
+    else:
+        pick = channels  # counted per channel, then summed over the chosen ones
+    t = data.shape[0]
+    c = data.shape[1] if pick is None else len(pick)
+
+    def per_step(bad: np.ndarray) -> np.ndarray:  # (T, C, H, W) bool -> (T,) over the chosen channels
+        return bad.sum(axis=(1, 2, 3)) if pick is None else bad.sum(axis=(2, 3))[:, pick].sum(axis=1)
+
     data_nan = np.isnan(data) if data.dtype.kind == "f" else None
     if mask is None:
-        per_step = np.zeros(t, np.int64) if data_nan is None else data_nan.sum(axis=(1, 2, 3))
-        return per_step[idx]
+        per = np.zeros(t, np.int64) if data_nan is None else per_step(data_nan)
+        return per[idx]
     cloudy = (mask > threshold).any(axis=1)  # (T, H, W)
     if data_nan is None:
         masked = c * cloudy.sum(axis=(1, 2))
         clear = np.zeros(t, np.int64)
     else:
-        masked = (data_nan | cloudy[:, None]).sum(axis=(1, 2, 3))
-        clear = data_nan.sum(axis=(1, 2, 3))
+        masked = per_step(data_nan | cloudy[:, None])
+        clear = per_step(data_nan)
     every_step_cloudy = cloudy.any(axis=(1, 2))[idx].all(axis=1)  # (D,): the bin ignores its mask
     return np.where(every_step_cloudy[:, None], clear[idx], masked[idx])
 
@@ -160,14 +199,18 @@ def _check_inputs(data: np.ndarray, mask: np.ndarray | None, bins: int) -> None:
 
 def select_steps(data: np.ndarray, bins: int, *, mask: np.ndarray | None = None, threshold: float = 0.0,
                  mode: Mode = "eval", rng: np.random.Generator | None = None,
-                 offset: int | Literal["random"] | None = None) -> np.ndarray:
+                 offset: int | Literal["random"] | None = None,
+                 channels: Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
     """Raw time index chosen for each of the ``bins`` bins: int64 ``(D,)``, or ``(0,)`` when ``T == 0``.
 
     ``data`` is ``(T, C, H, W)`` in its stored dtype, ``mask`` ``(T, C_mask, H, W)`` probabilities compared
-    with ``> threshold``. ``rng`` is needed in train mode and for ``offset="random"``. For ``T > D`` a train
-    selection draws one offset (unless fixed) then D uniforms, whatever the values and masks.
+    with ``> threshold``. ``channels``: the stored channels the model receives (the manifest's ``select``);
+    deviations and NaN are judged on those only (None: every channel). ``rng`` is needed in train mode and for
+    ``offset="random"``. For ``T > D`` a train selection draws one offset (unless fixed) then D uniforms,
+    whatever the values, masks and channels.
     """
     _check_inputs(data, mask, bins)
+    ch = channel_index(data.shape[1], channels)
     if mode not in ("train", "eval"):
         raise StreamError(f"mode must be 'train' or 'eval', got {mode!r}")
     if mode == "train" and rng is None:
@@ -182,14 +225,14 @@ def select_steps(data: np.ndarray, bins: int, *, mask: np.ndarray | None = None,
     idx = bin_indices(t, bins, resolve_offset(t, bins, mode, rng, offset))
     rows = np.arange(bins)
     if mode == "train":  # only the NaN counts matter: counted on the raw steps, no float copy of the bins
-        nan_count = _nan_counts(data, mask, threshold, idx)
+        nan_count = _nan_counts(data, mask, threshold, idx, ch)
         candidate = nan_count == nan_count.min(axis=1, keepdims=True)
         u = rng.random(bins)
         n_cand = candidate.sum(axis=1)
         k = np.minimum((u * n_cand).astype(np.int64), n_cand - 1)
         pick = np.argmax(np.cumsum(candidate, axis=1) > k[:, None], axis=1)  # the (k+1)-th candidate
         return idx[rows, pick]
-    x = _masked_steps(data, mask, threshold, idx)
+    x = _masked_steps(data, mask, threshold, idx, ch)
     nan_count = np.isnan(x).sum(axis=(2, 3, 4)).T  # (D, S)
     candidate = nan_count == nan_count.min(axis=1, keepdims=True)
     dev = x - nanmedian_steps(x)[None]

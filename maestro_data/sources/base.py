@@ -13,6 +13,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,10 +34,11 @@ GDAL_READ_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GTIFF_SRS_SOU
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """Reader options the CLI exposes: ``--split-set`` (FLAIR-HUB), ``--fold`` (PASTIS-HD)."""
+    """Reader options the CLI exposes: ``--split-set`` (FLAIR-HUB), ``--fold`` (PASTIS-HD; None: the official
+    default, MAESTRO's train/val/test CSVs when present)."""
 
     split_set: int | None = None
-    fold: int = 1
+    fold: int | None = None
 
 
 class Source(ABC):
@@ -46,6 +48,8 @@ class Source(ABC):
         self.manifest = manifest
         self.root = Path(root)
         self.options = options or SourceOptions()
+        # which files decided the splits (maestro_data.split_origin), set by list_tiles where the reader has a choice
+        self.split_origin: dict[str, Any] | None = None
 
     @abstractmethod
     def check_layout(self) -> None:

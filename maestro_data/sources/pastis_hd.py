@@ -9,11 +9,9 @@ the manifest's reference date unless a ``dates-<X>`` property exists. The segmen
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,10 +33,18 @@ from maestro_data.sources.base import (
     to_stored_dtype,
     warn_missing_split,
 )
+from maestro_data.sources.pastis_splits import (
+    DEFAULT_FOLD,
+    as_int,
+    assignment_table,
+    fold_assignment,
+    read_image_column,
+    split_csv_names,
+)
+from maestro_data.split_origin import csv_origin, folds_origin
 from maestro_data.tile import Series, Tile, TileRef
 
 METADATA = "metadata.geojson"
-FOLD_CSV = "{split}_fold_{fold}.csv"  # MAESTRO naming (maestro/dataset/utils.py::read_csv), column "image"
 _FOLDER = re.compile(r"DATA_([A-Za-z0-9]+)")
 _YYYYMMDD = re.compile(r"\d{8}")
 
@@ -80,40 +86,6 @@ def parse_dates_property(value: Any) -> np.ndarray:
     return dates_array(texts)  # ValueError names an impossible calendar date
 
 
-def fold_assignment(options: Mapping[str, Any], fold: int, names: Sequence[str] | None = None) -> dict[int, str]:
-    """Fold number -> split name for cross-validation fold ``fold``.
-
-    ``options`` lists fold I (e.g. train [1, 2, 3], val [4], test [5]); the N listed folds must be 1..N. Fold k
-    shifts every listed number by k-1 modulo N: fold 2 = train [2, 3, 4], val [5], test [1]; fold 5 = train
-    [5, 1, 2], val [3], test [4]. Raises ValueError on an inconsistent table (or a split not in ``names``) or a
-    fold outside 1..N.
-    """
-    base: dict[int, str] = {}
-    unknown = sorted(set(options) - set(names)) if names is not None else []
-    if unknown:
-        raise ValueError(f"{unknown} are not split names {list(names)}")
-    for split, folds in options.items():
-        if not isinstance(folds, list) or not all(isinstance(f, int) and not isinstance(f, bool) for f in folds):
-            raise ValueError(f"{split}: expected a list of fold numbers, got {folds!r}")
-        for f in folds:
-            if f in base:
-                raise ValueError(f"fold {f} is listed for both {base[f]!r} and {split!r}")
-            base[f] = split
-    n = len(base)
-    if sorted(base) != list(range(1, n + 1)):
-        raise ValueError(f"folds {sorted(base)} must be exactly 1..{n}")
-    if not 1 <= fold <= n:
-        raise ValueError(f"fold {fold} is not one of 1..{n}")
-    return {(f - 1 + fold - 1) % n + 1: split for f, split in base.items()}
-
-
-def _as_int(value: Any) -> int | None:
-    """An id or fold number as written by various exporters (10000, 10000.0, "10000"), else None."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
-        return int(value)
-    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
-
-
 def _crs_member(crs: Any, origin: str) -> str | None:
     """The pre-RFC-7946 GeoJSON ``crs`` member as a pyproj input (None when absent)."""
     if crs is None:
@@ -148,7 +120,7 @@ class _Patch:
 
 
 class PastisHDSource(Source):
-    """PASTIS-HD reader; splits from ``Fold`` (rotated by ``--fold``) or MAESTRO ``{split}_fold_{k}.csv`` files."""
+    """PASTIS-HD reader; splits from MAESTRO's split CSVs or the ``Fold`` rule, as ``pastis_splits`` says."""
 
     dataset = "pastis-hd"
 
@@ -211,13 +183,13 @@ class PastisHDSource(Source):
             if not isinstance(props, dict):
                 raise SourceError(f"feature {i} has no properties", path=str(path))
             raw_id = props.get("ID_PATCH", feat.get("id"))  # ID_PATCH is the id MAESTRO's split CSVs use
-            if _as_int(raw_id) is None:
+            if as_int(raw_id) is None:
                 raise SourceError(f"feature {i}: ID_PATCH {raw_id!r} is not an integer", path=str(path))
-            tile_id = str(_as_int(raw_id))
+            tile_id = str(as_int(raw_id))
             if tile_id in patches:
                 raise SourceError(f"duplicate ID_PATCH (features {patches[tile_id].feature} and {i})",
                                   tile_id=tile_id, path=str(path))
-            fold = _as_int(props.get("Fold"))
+            fold = as_int(props.get("Fold"))
             if fold is None:
                 raise SourceError(f"Fold {props.get('Fold')!r} is not an integer", tile_id=tile_id, path=str(path))
             patches[tile_id] = _Patch(tile_id, i, fold, props, feat.get("geometry"))
@@ -230,55 +202,43 @@ class PastisHDSource(Source):
         return self._index()[tile_id]
 
     def list_tiles(self) -> list[TileRef]:
+        """Every patch with its split, from MAESTRO's split CSVs or the fold rule (``pastis_splits``); the choice
+        is left in ``split_origin``."""
         patches = self._index()
         names = self.manifest.splits.names
-        from_csv = self._fold_csvs()
+        fold = self.options.fold
+        files = {s: self.root / n for s, n in split_csv_names(names, fold).items()}
+        if any(p.is_file() for p in files.values()):
+            return self._from_csvs(patches, files)
+        meta = str(self.root / METADATA)
+        try:
+            split_of = fold_assignment(self.manifest.splits.options, fold or DEFAULT_FOLD, names)
+        except ValueError as exc:
+            raise SourceError(f"manifest splits.options / --fold {fold}: {exc}") from None
+        for tile_id, patch in patches.items():
+            if patch.fold not in split_of:
+                raise SourceError(f"Fold {patch.fold} is not one of the folds {sorted(split_of)}",
+                                  tile_id=tile_id, path=meta)
         refs: list[TileRef] = []
-        if from_csv is None:
-            meta = str(self.root / METADATA)
-            try:
-                split_of = fold_assignment(self.manifest.splits.options, self.options.fold, names)
-            except ValueError as exc:
-                raise SourceError(f"manifest splits.options / --fold {self.options.fold}: {exc}") from None
-            for tile_id, patch in patches.items():
-                if patch.fold not in split_of:
-                    raise SourceError(f"Fold {patch.fold} is not one of the folds {sorted(split_of)}",
-                                      tile_id=tile_id, path=meta)
-            for split in names:
-                refs += [TileRef(t, split, p.fold) for t, p in patches.items() if split_of[p.fold] == split]
-            return check_unique(refs, meta)
         for split in names:
-            csv_path, ids = from_csv[split]
-            for tile_id in ids:
-                if tile_id not in patches:
-                    raise SourceError(f"listed in the split file but has no feature in {METADATA}",
-                                      tile_id=tile_id, path=str(csv_path))
-                refs.append(TileRef(tile_id, split, patches[tile_id].fold))
-        return check_unique(refs, f"{self.root}/{FOLD_CSV.format(split='*', fold=self.options.fold)}")
+            refs += [TileRef(t, split, p.fold) for t, p in patches.items() if split_of[p.fold] == split]
+        self.split_origin = folds_origin(METADATA, assignment_table(split_of, names), fold)
+        return check_unique(refs, meta)
 
-    def _fold_csvs(self) -> dict[str, tuple[Path, list[str]]] | None:
-        """MAESTRO's ``{split}_fold_{k}.csv`` for the requested fold, or None when none of them exists."""
-        paths = {s: self.root / FOLD_CSV.format(split=s, fold=self.options.fold) for s in self.manifest.splits.names}
-        if not any(p.is_file() for p in paths.values()):
-            return None
-        out = {}
-        for split, path in paths.items():
+    def _from_csvs(self, patches: dict[str, _Patch], files: dict[str, Path]) -> list[TileRef]:
+        refs: list[TileRef] = []
+        for split, path in files.items():
             if not path.is_file():
                 warn_missing_split(path, split)
-                out[split] = (path, [])
                 continue
-            with path.open(newline="", encoding="utf-8-sig") as fh:
-                rows = csv.DictReader(fh)
-                if not rows.fieldnames or "image" not in rows.fieldnames:
-                    raise SourceError(f"no 'image' column (columns: {rows.fieldnames})", path=str(path))
-                ids = []
-                for line, row in enumerate(rows, start=2):
-                    number = _as_int(row["image"])
-                    if number is None:
-                        raise SourceError(f"line {line}: image {row['image']!r} is not an ID_PATCH", path=str(path))
-                    ids.append(str(number))
-            out[split] = (path, ids)
-        return out
+            for tile_id in read_image_column(path):
+                if tile_id not in patches:
+                    raise SourceError(f"listed in the split file but has no feature in {METADATA}",
+                                      tile_id=tile_id, path=str(path))
+                refs.append(TileRef(tile_id, split, patches[tile_id].fold))
+        self.split_origin = csv_origin([p.name for p in files.values() if p.is_file()],
+                                       [p.name for p in files.values() if not p.is_file()], self.options.fold)
+        return check_unique(refs, ", ".join(str(p) for p in files.values() if p.is_file()))
 
     def _dates(self, item: _Input, spec: ModalitySpec, patch: _Patch, steps: int, path: Path) -> np.ndarray:
         """(T, 3) dates of a modality's ``steps`` stored time steps; SourceError when the table disagrees."""

@@ -91,8 +91,34 @@ def _write_norms(root: Path, stats: dict[str, dict[int, list[np.ndarray]]]) -> N
         (root / f"NORM_{key.removeprefix('dates-')}_patch.json").write_text(json.dumps(table))
 
 
-def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "pastis-hd") -> Path:
-    """Write ``tiles`` PASTIS-HD patches (ids 10000, 10001, ...; folds 1..5 evenly, shuffled) to ``<out>/pastis-hd``."""
+def _write_split_csv(path: Path, ids: list[str]) -> None:
+    """A MAESTRO split file: a pandas index column and ``image`` = ID_PATCH (``maestro/dataset/utils.py``)."""
+    path.write_text(",image\n" + "".join(f"{i},{tid}\n" for i, tid in enumerate(ids)))
+
+
+def _write_splits(root: Path, folds: dict[str, int], rng: np.random.Generator, maestro_csvs: bool,
+                  fold_csvs: tuple[int, ...]) -> None:
+    """MAESTRO's ``{stage}.csv`` (its own split, independent of ``Fold``: what the published files hold is not
+    known) and ``{stage}_fold_{k}.csv`` (fold k of the paper's protocol: train folds k..k+2, val k+3, test k+4,
+    modulo 5)."""
+    stages = ("train", "val", "test")
+    if maestro_csvs:
+        ids = [str(t) for t in rng.permutation(sorted(folds))]
+        cut = (len(ids) * 3 // 5, len(ids) * 4 // 5)
+        for stage, part in zip(stages, (ids[:cut[0]], ids[cut[0]:cut[1]], ids[cut[1]:]), strict=True):
+            _write_split_csv(root / f"{stage}.csv", part)
+    for k in fold_csvs:
+        shifted = {f: (f - k) % 5 for f in range(1, 6)}  # 0, 1, 2 -> train, 3 -> val, 4 -> test
+        for stage, members in zip(stages, ((0, 1, 2), (3,), (4,)), strict=True):
+            _write_split_csv(root / f"{stage}_fold_{k}.csv",
+                             [t for t, f in folds.items() if shifted[f] in members])
+
+
+def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "pastis-hd", maestro_csvs: bool = False,
+             fold_csvs: tuple[int, ...] = ()) -> Path:
+    """Write ``tiles`` PASTIS-HD patches (ids 10000, 10001, ...; folds 1..5 evenly, shuffled) to ``<out>/pastis-hd``;
+    with ``maestro_csvs`` also MAESTRO's ``train.csv``/``val.csv``/``test.csv``, and ``{stage}_fold_{k}.csv`` for
+    every k of ``fold_csvs``."""
     manifest = load_manifest(dataset)
     rng = np.random.default_rng(seed)
     root = Path(out) / "pastis-hd"
@@ -138,4 +164,6 @@ def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "pas
                   "features": features}
     (root / METADATA).write_text(json.dumps(collection))
     _write_norms(root, stats)
+    # after every pixel draw: asking for split files leaves the tiles of a seed unchanged
+    _write_splits(root, {f["id"]: f["properties"]["Fold"] for f in features}, rng, maestro_csvs, tuple(fold_csvs))
     return root
