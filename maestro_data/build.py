@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ import rasterio
 import zarr
 from tqdm import tqdm
 
-from maestro_data import __version__
-from maestro_data.errors import SourceError, StoreError
+from maestro_data import __version__, integrity
+from maestro_data.errors import SourceError, StoreError, describe_os_error
 from maestro_data.manifest import Manifest
 from maestro_data.sources import Source, SourceOptions, open_source
 from maestro_data.sources.base import GDAL_READ_OPTIONS
@@ -67,7 +68,7 @@ _W: dict = {}
 
 
 def _init_worker(source: Source, plan: StorePlan | None, store_path: str, on_error: str) -> None:
-    _W.update(source=source, plan=plan, on_error=on_error)
+    _W.update(source=source, plan=plan, on_error=on_error, store=Path(store_path))
     if plan is not None:  # the probe pool runs before the store exists
         _W["root"] = zarr.open_group(store_path, mode="r+")
 
@@ -94,6 +95,7 @@ def _convert_block(block: int, refs: list[TileRef], marker_dir: str) -> dict:
                     raise
                 skipped.append({"tile_id": refs[i].tile_id, "stage": "read", "reason": str(exc)})
     nans = write_block(_W["root"], source.manifest, plan, block, tiles)
+    integrity.record_block(_W["store"], source.manifest, block)  # before the marker: a marked block is recorded
     marker = {"block": block, "tiles": len(tiles), "skipped": skipped, "nan_values": nans}
     _atomic_json(Path(marker_dir) / f"{block:07d}.json", marker)
     return marker
@@ -125,6 +127,21 @@ def _existing_plan_matches(store: Path, manifest: Manifest, plan: StorePlan) -> 
         raise StoreError(f"{store}: was planned from another source, manifest or --limit/--block-tiles; "
                          "rerun with the same arguments or use --overwrite")
     return True
+
+
+def _intact_blocks(store: Path, marker_dir: Path, quiet: bool) -> set[int]:
+    """Blocks with a marker whose recorded files are all present, of their size and checksum; the others lose
+    their marker and are converted again from the source (a resume never trusts damaged data)."""
+    done = set()
+    markers = sorted(marker_dir.glob("*.json"))
+    for p in tqdm(markers, desc="check converted blocks", unit="block", disable=quiet or not markers):
+        damage = integrity.check(store, f"block-{int(p.stem)}", full=True)
+        if damage:
+            log.warning("block %d is damaged (%s): converting it again", int(p.stem), damage[0].describe(store))
+            p.unlink()
+        else:
+            done.add(int(p.stem))
+    return done
 
 
 def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: BuildOptions | None = None) -> dict:
@@ -162,7 +179,9 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
         plan = make_plan(manifest, [r.tile_id for r in probed], [r.split for r in probed],
                          [r.fold for r in probed], counts, options.block_tiles)
         marker_dir = out / BUILD_DIR / "blocks"
-        if not (options.resume and _existing_plan_matches(store, manifest, plan)):
+        resumable = options.resume and _existing_plan_matches(store, manifest, plan) \
+            and not integrity.check(store, "plan", full=True)  # a damaged tile table: plan the store again
+        if not resumable:
             for stale in marker_dir.glob("*.json"):
                 stale.unlink()
             provenance = {"source": str(src.resolve()), "toolkit_version": __version__,
@@ -175,7 +194,7 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
             create_store(store, manifest, plan, provenance)
         else:
             skipped = json.loads((out / BUILD_DIR / "probe.json").read_text())["skipped"]
-        done = {int(p.stem) for p in marker_dir.glob("*.json")}
+        done = _intact_blocks(store, marker_dir, options.quiet)
         todo = [b for b in range(plan.num_blocks) if b not in done]
         bar = tqdm(total=plan.num_tiles, desc=f"build {manifest.name}", unit="tile", disable=options.quiet)
         bar.update(sum(len(plan.block_range(b)) for b in done))
@@ -193,6 +212,8 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
                 _convert_block(b, probed, str(marker_dir))
                 bar.update(len(plan.block_range(b)))
         bar.close()
+    except OSError as exc:  # disk full, permissions: the store's writes name no file; say where we were writing
+        raise StoreError(describe_os_error(exc, where=out)) from None
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -269,5 +290,10 @@ def compute_subsets(store_path: str | Path, percents: tuple[int, ...] = (5, 20),
             order += [i for i in (store.index(t) for t in members) if i not in taken]
             counts[split][int(p)] = len(order)
         orders[split] = np.asarray(order, dtype=np.int64)
+        size = len(store.split_indices(split))
+        for p, c in counts[split].items():
+            if c == 0 and size:
+                warnings.warn(f"the {p} % subset of split {split!r} is empty: {p} % of its {size} tiles rounds "
+                              "to 0 (its shards hold no tier of that size)", stacklevel=2)
     write_subsets(store_path, orders, counts, method)
     return counts

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from maestro_data import __version__
-from maestro_data.errors import ShardError
+from maestro_data.errors import ShardError, StoreError
 from maestro_data.randomness import permutation
 from maestro_data.store import TileStore
 from maestro_data.tile import Tile
@@ -182,6 +182,11 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
     """Write every valid tile of ``store_path`` as shards under ``out``; returns the index (also index.json)."""
     options = options or ShardOptions()
     store = TileStore(store_path)
+    damage = store.verify()
+    if damage:
+        raise StoreError(f"refusing to write shards from a damaged tile store: {damage[0]}"
+                         + (f" (and {len(damage) - 1} more)" if len(damage) > 1 else "")
+                         + "; rebuild the damaged blocks with `maestro-data build ... --resume`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / INDEX_NAME

@@ -35,13 +35,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from maestro_data import integrity
 from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
 from maestro_data.tile import Series, Tile
 
 STORE_FORMAT = "maestro-tile-store"
-STORE_SCHEMA = 1
+STORE_SCHEMA = 2  # 2: every written chunk recorded with its size and sha256 (maestro_data.integrity)
 CHUNK_TARGET_BYTES = 1 << 20  # ~1 MiB raw per chunk: big enough to compress well, small enough to read one tile
 MAX_CHUNK_STEPS = 128  # ~ a year of Sentinel-1/2 acquisitions: one chunk per tile for most series
 
@@ -168,6 +169,7 @@ def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: di
         "manifest": {"name": manifest.name, "sha256": manifest.sha256, "text": manifest.text},
         "block_tiles": bt, "provenance": provenance,
     })
+    integrity.record_plan(Path(path), manifest)
     root.attrs["plan_sha256"] = plan.digest()
     return root
 
@@ -264,6 +266,7 @@ def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[
         if len(order):
             arr[:] = np.asarray(order, dtype=np.int64)
         g.attrs.update({"counts": {str(p): int(c) for p, c in counts[split].items()}, "method": method})
+    integrity.record_subsets(_store_path(path), list(orders))
 
 
 def tree_bytes(path: Path) -> int:
@@ -276,6 +279,11 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
+def is_store(path: str | Path) -> bool:
+    """A local tile store folder (``<out>`` or ``<out>/store.zarr``), as opposed to a shard index."""
+    return "://" not in str(path) and (_store_path(path) / "zarr.json").is_file()
+
+
 def _store_path(path: str | Path) -> Path:
     path = Path(path)
     return path / "store.zarr" if (path / "store.zarr").is_dir() else path
@@ -286,6 +294,10 @@ class TileStore:
 
     def __init__(self, path: str | Path):
         self.path = _store_path(path)
+        if not Path(path).exists():
+            raise StoreError(f"{path}: does not exist")
+        if not Path(path).is_dir():
+            raise StoreError(f"{path}: is a file, not a tile store folder")
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"{self.path}: not a tile store (no zarr.json); build one with `maestro-data build`")
         self.root = zarr.open_group(str(self.path), mode="r")
@@ -293,10 +305,15 @@ class TileStore:
         if attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.path}: not a maestro tile store (format {attrs.get('format')!r})")
         if attrs.get("schema") != STORE_SCHEMA:
-            raise StoreError(f"{self.path}: store schema {attrs.get('schema')} (this toolkit reads {STORE_SCHEMA})")
+            hint = " (built before chunk integrity was recorded)" if attrs.get("schema") == 1 else ""
+            raise StoreError(f"{self.path}: store schema {attrs.get('schema')}{hint}; this toolkit reads schema "
+                             f"{STORE_SCHEMA}: rebuild it with `maestro-data build ... --overwrite`")
         if not attrs.get("complete"):
             raise StoreError(f"{self.path}: the build did not finish; rerun `maestro-data build ... --resume`")
         self.attrs = attrs
+        self.block_tiles = int(attrs["block_tiles"])
+        self._checked_blocks: set[int] = set()
+        self._raise_damage(integrity.check(self.path, "plan"))
         self.manifest = parse_manifest(attrs["manifest"]["text"], origin=f"{self.path} (stored manifest)")
         t = self.root["tiles"]
         self.tile_ids: list[str] = [str(x) for x in t["id"][:]]
@@ -321,19 +338,63 @@ class TileStore:
     def counts(self, modality: str) -> np.ndarray:
         return self._offsets[modality][1]
 
+    def _block_tiles_of(self, block: int) -> list[str]:
+        return self.tile_ids[block * self.block_tiles:(block + 1) * self.block_tiles]
+
+    def _describe(self, damage: list[integrity.Damage]) -> list[str]:
+        """One line per damaged file: the file, what is wrong, and the tiles whose data it holds."""
+        lines = []
+        for d in damage:
+            tiles = ""
+            if d.part.startswith("block-"):
+                ids = self._block_tiles_of(int(d.part.split("-")[1]))
+                tiles = f" (tiles {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})"
+            elif d.part == "plan":
+                tiles = " (the tile table: every tile)"
+            lines.append(d.describe(self.path) + tiles)
+        return lines
+
+    def _raise_damage(self, damage: list[integrity.Damage]) -> None:
+        if damage:
+            lines = self._describe(damage)
+            more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+            raise StoreError(f"damaged tile store: {lines[0]}{more}; rebuild the damaged blocks from the source "
+                             "with `maestro-data build ... --resume`")
+
+    def _check_block(self, i: int) -> None:
+        block = i // self.block_tiles
+        if block not in self._checked_blocks:
+            self._raise_damage(integrity.check(self.path, f"block-{block}"))
+            self._checked_blocks.add(block)
+
+    def verify(self, full: bool = False) -> list[str]:
+        """Every recorded file present with its size (``full``: and its sha256): one line per damaged file."""
+        blocks = -(-len(self.tile_ids) // self.block_tiles) or 1
+        damage = [d for part in integrity.parts(self.path, blocks, "subsets" in self.root)
+                  for d in integrity.check(self.path, part, full=full)]
+        return self._describe(damage)
+
+    def _read(self, arr: zarr.Array, a: int, b: int, i: int) -> np.ndarray:
+        try:
+            return arr[a:b]
+        except (ValueError, RuntimeError, OSError) as exc:  # zarr/numcodecs: checksum or decompression failures
+            raise StoreError(f"{self.path}/{arr.path}: chunk of tile {self.tile_ids[i]!r} cannot be decoded "
+                             f"({str(exc).splitlines()[0]}); run `maestro-data verify {self.path} --full`") from None
+
     def read_series(self, i: int, modality: str) -> Series:
+        self._check_block(i)
         off, cnt = self._offsets[modality]
         a, b = int(off[i]), int(off[i]) + int(cnt[i])
         g = self.root[modality]
-        mask = g["mask"][a:b] if "mask" in g else None
-        return Series(data=g["data"][a:b], dates=g["dates"][a:b], mask=mask)
+        mask = self._read(g["mask"], a, b, i) if "mask" in g else None
+        return Series(data=self._read(g["data"], a, b, i), dates=self._read(g["dates"], a, b, i), mask=mask)
 
     def read_tile(self, key: int | str) -> Tile:
         i = self.index(key) if isinstance(key, str) else int(key)
         if not self.valid[i]:
             raise StoreError(f"{self.path}: tile {self.tile_ids[i]!r} was skipped during the build")
         series = {m: self.read_series(i, m) for m in self.manifest.modalities}
-        targets = {name: self.root["targets"][name][i] for name in self.manifest.targets}
+        targets = {name: self._read(self.root["targets"][name], i, i + 1, i)[0] for name in self.manifest.targets}
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
                     series=series, targets=targets)
@@ -386,7 +447,18 @@ class TileStore:
                 "tiles": int(self.valid.sum()), "skipped": int((~self.valid).sum()), "splits": splits,
                 "split_origin": origin, "splits_from": origins.describe(origin),
                 "old_split_default": origins.is_old_default(origin),
-                "modalities": mods, "targets": list(self.manifest.targets), "bytes": size}
+                "modalities": mods, "targets": list(self.manifest.targets), "bytes": size,
+                "subsets": self.subset_summary()}
+
+    def subset_summary(self) -> dict[str, dict[str, object]]:
+        """Per split: tiles per subset percentage, and why a subset is empty when it is."""
+        out: dict[str, dict[str, object]] = {}
+        for split in self.manifest.splits.names:
+            _, counts = self.subsets(split)
+            size = len(self.split_indices(split))
+            empty = {str(p): f"{p} % of {size} tiles rounds to 0" for p, c in counts.items() if c == 0}
+            out[split] = {"tiles": size, "counts": {str(p): c for p, c in counts.items()}, "empty": empty}
+        return out
 
     def split_origin(self) -> dict | None:
         """Which files decided the splits (``maestro_data.split_origin``); a ``legacy`` record for a fold-split
