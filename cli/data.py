@@ -49,14 +49,17 @@ def main() -> None:
               help="Tiles per zarr shard (one process writes one block).")
 @click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Import MAESTRO's published subset CSVs (train_filtered_5.csv, ...) instead of running FPS.")
-@click.option("--percents", default="5,20", show_default=True, help="Nested subset sizes in percent.")
-@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 256MB, 1GB).")
+@click.option("--percents", default="5,20", show_default=True, callback=lambda c, p, v: _percents(v),
+              help="Nested subset sizes in percent.")
+@click.option("--shard-size", default="1GB", show_default=True, callback=lambda c, p, v: _size(v),
+              help="Target shard size (e.g. 256MB, 1GB).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
 @click.option("--no-shards", is_flag=True, help="Stop after the tile store and its subsets.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, workers: int, limit: int | None,
           on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int | None, block_tiles: int,
-          splits_from: Path | None, percents: str, shard_size: str, seed: int, no_shards: bool, quiet: bool) -> None:
+          splits_from: Path | None, percents: tuple[int, ...], shard_size: int, seed: int, no_shards: bool,
+          quiet: bool) -> None:
     """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
     from maestro_data.build import BuildOptions, build_store, compute_subsets
     from maestro_data.shards import ShardOptions, write_shards
@@ -82,20 +85,26 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         click.echo(f"NaN values kept (real data): {nans}")
     for s in report["skipped"][:10]:
         click.echo(f"skipped {s['tile_id']}: {s['reason']}", err=True)
-    counts = compute_subsets(out, _percents(percents), splits_from)
+    counts = compute_subsets(out, percents, splits_from)
     click.echo("subsets: " + "; ".join(f"{k}: " + ", ".join(f"{p}%={n}" for p, n in v.items())
                                        for k, v in counts.items()))
     click.echo(f"store: {report['store']}\nreport: {out / 'report.json'}")
     if not no_shards:
-        index = write_shards(out, out / "shards", ShardOptions(shard_bytes=_size(shard_size), seed=seed, quiet=quiet))
+        index = write_shards(out, out / "shards", ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet))
         _echo_index(index, out / "shards")
 
 
 def _percents(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole percentages") from None
+    """Checked when the command line is parsed, before any tile is read: distinct whole numbers in (0, 100)."""
+    values = [v.strip() for v in text.split(",")]
+    if not text.strip() or not all(v.isdigit() for v in values):
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of whole percentages such as 5,20")
+    out = tuple(int(v) for v in values)
+    bad = [p for p in out if not 0 < p < 100]
+    if bad or len(set(out)) != len(out):
+        raise click.BadParameter(f"{text!r}: percentages must be distinct whole numbers between 0 and 100 "
+                                 "(exclusive); the rest of a split is always there as tier 100")
+    return out
 
 
 def _size(text: str) -> int:
@@ -104,9 +113,12 @@ def _size(text: str) -> int:
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
             try:
-                return max(1, int(float(t[: -len(unit)]) * units[unit]))
+                value = float(t[: -len(unit)]) * units[unit]
             except ValueError:
                 break
+            if not value >= 1024:  # also refuses nan
+                raise click.BadParameter(f"{text!r}: a shard must hold at least 1 KiB")
+            return int(value)
     raise click.BadParameter(f"{text!r} is not a size such as 512MB or 1GB")
 
 
@@ -118,28 +130,30 @@ def _echo_index(index: dict, where: Path | str) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--percents", default="5,20", show_default=True, help="Nested subset sizes in percent.")
+@click.option("--percents", default="5,20", show_default=True, callback=lambda c, p, v: _percents(v),
+              help="Nested subset sizes in percent.")
 @click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Import MAESTRO's published subset CSVs instead of running FPS.")
-def subsets(store: Path, percents: str, splits_from: Path | None) -> None:
+def subsets(store: Path, percents: tuple[int, ...], splits_from: Path | None) -> None:
     """(Re)compute the nested subsets of a tile STORE."""
     from maestro_data.build import compute_subsets
 
-    for split, counts in compute_subsets(store, _percents(percents), splits_from).items():
+    for split, counts in compute_subsets(store, percents, splits_from).items():
         click.echo(f"{split}: " + ", ".join(f"{p}% = {n} tiles" for p, n in counts.items()))
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--shard-size", default="1GB", show_default=True, help="Target shard size (e.g. 256MB, 1GB).")
+@click.option("--shard-size", default="1GB", show_default=True, callback=lambda c, p, v: _size(v),
+              help="Target shard size (e.g. 256MB, 1GB).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def shard(store: Path, out: Path, shard_size: str, seed: int, quiet: bool) -> None:
+def shard(store: Path, out: Path, shard_size: int, seed: int, quiet: bool) -> None:
     """Write WebDataset shards (and index.json, last) from a tile STORE."""
     from maestro_data.shards import ShardOptions, write_shards
 
-    _echo_index(write_shards(store, out, ShardOptions(shard_bytes=_size(shard_size), seed=seed, quiet=quiet)), out)
+    _echo_index(write_shards(store, out, ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet)), out)
 
 
 @main.command()
@@ -147,15 +161,32 @@ def shard(store: Path, out: Path, shard_size: str, seed: int, quiet: bool) -> No
 @click.option("--full", is_flag=True, help="Also decode every sample and check it against the manifest.")
 @click.option("--dataset", help="Fail unless the shards were built from this manifest (name or path).")
 def verify(location: str, full: bool, dataset: str | None) -> None:
-    """Check every shard of an index (folder, index.json path or URL): presence, size, sha256."""
+    """Check every shard of an index (folder, index.json path or URL): presence, size, sha256; or every chunk
+    of a tile store (presence and size; --full: sha256)."""
     from maestro_data.shard_read import verify as verify_shards
+    from maestro_data.store import is_store
 
+    if is_store(location):
+        _verify_store(location, full)
+        return
     problems = verify_shards(location, full=full, manifest=load_manifest(dataset) if dataset else None)
     for line in problems:
         click.echo(f"BAD {line}", err=True)
     if problems:
         raise click.ClickException(f"{len(problems)} bad shard(s) in {location}")
     click.echo(f"ok: every shard of {location} is present and intact" + (" and decodes" if full else ""))
+
+
+def _verify_store(location: str, full: bool) -> None:
+    from maestro_data.store import TileStore
+
+    problems = TileStore(location).verify(full=full)
+    for line in problems:
+        click.echo(f"BAD {line}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} damaged file(s) in the tile store {location}; "
+                                   "`maestro-data build ... --resume` converts the damaged blocks again")
+    click.echo(f"ok: every chunk of {location} is present" + (" and intact (sha256)" if full else " (sizes match)"))
 
 
 @main.command()
@@ -181,6 +212,10 @@ def info(path: str, as_json: bool) -> None:
                    f"{m['dates_min']}/{m['dates_median']:g}/{m['dates_max']}" + ("  + cloud mask" if m["cloud_mask"]
                                                                                   else ""))
     click.echo(f"targets: {', '.join(summary['targets'])}")
+    for split, sub in summary["subsets"].items():
+        if sub["counts"]:
+            click.echo(f"subsets of {split}: " + ", ".join(f"{p}% = {c}" for p, c in sub["counts"].items())
+                       + "".join(f"  (empty {p}%: {why})" for p, why in sub["empty"].items()))
 
 
 def _echo_split_origin(text: str | None, old_default: bool) -> None:

@@ -5,6 +5,20 @@ class MaestroError(Exception):
     """Base class: the message names the file or tile and what was expected."""
 
 
+def describe_os_error(exc: OSError, where: object = None) -> str:
+    """One line naming the path (the failed file, else ``where``) and the cause of a failed file operation."""
+    import errno
+
+    path = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p) or (str(where) if where else "a file")
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    hint = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "; free space (or raise the limit) and rerun (a build: with --resume, keeping the converted blocks)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; check the permissions of that path"
+    return f"{path}: {cause}{hint}"
+
+
 class ManifestError(MaestroError):
     """A dataset manifest is malformed or inconsistent (the message names the key)."""
 
