@@ -106,8 +106,8 @@ def _size(text: str) -> int:
 
 
 def _echo_index(index: dict, where: Path | str) -> None:
-    shards = sum(len(e) for s in index["splits"].values() for e in s["tiers"].values())
-    size = sum(x["bytes"] for s in index["splits"].values() for e in s["tiers"].values() for x in e)
+    shards = sum(len(c["url"]) for s in index["splits"].values() for c in s["tiers"].values())
+    size = sum(sum(c["bytes"]) for s in index["splits"].values() for c in s["tiers"].values())
     click.echo(f"shards: {shards} files, {size / 1e6:.1f} MB, index {where}")
 
 
@@ -143,7 +143,7 @@ def shard(store: Path, out: Path, shard_size: str, seed: int, quiet: bool) -> No
 @click.option("--dataset", help="Fail unless the shards were built from this manifest (name or path).")
 def verify(location: str, full: bool, dataset: str | None) -> None:
     """Check every shard of an index (folder, index.json path or URL): presence, size, sha256."""
-    from maestro_data.shard_read import verify as verify_shards
+    from maestro_data.verify import verify as verify_shards
 
     problems = verify_shards(location, full=full, manifest=load_manifest(dataset) if dataset else None)
     for line in problems:
@@ -151,6 +151,17 @@ def verify(location: str, full: bool, dataset: str | None) -> None:
     if problems:
         raise click.ClickException(f"{len(problems)} bad shard(s) in {location}")
     click.echo(f"ok: every shard of {location} is present and intact" + (" and decodes" if full else ""))
+
+
+@main.command()
+@click.argument("location")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def reindex(location: str, quiet: bool) -> None:
+    """Rewrite the index of the shard set at LOCATION (folder, index.json path or URL) as schema 2, with one
+    sidecar per shard built from the shard's tar headers: no rebuild, the shards are not changed."""
+    from maestro_data.reindex import reindex as reindex_shards
+
+    _echo_index(reindex_shards(location, quiet=quiet), location)
 
 
 @main.command()
@@ -181,15 +192,15 @@ def _index_info(location: str, as_json: bool) -> None:
     from maestro_data.shard_read import open_index
 
     index, loc = open_index(location)
-    rows = {split: {tier: {"shards": len(e), "samples": sum(x["samples"] for x in e),
-                           "bytes": sum(x["bytes"] for x in e)} for tier, e in info["tiers"].items()}
+    rows = {split: {tier: {"shards": len(c["url"]), "samples": sum(c["samples"]), "bytes": sum(c["bytes"])}
+                    for tier, c in info["tiers"].items()}
             for split, info in index["splits"].items()}
     if as_json:
         click.echo(json.dumps({"index": loc, "dataset": index["manifest"]["name"], "splits": rows}, indent=2))
         return
-    from maestro_data.manifest import parse_manifest
+    from maestro_data.shard_read import stored_manifest
 
-    manifest = parse_manifest(index["manifest"]["text"], origin=loc)
+    manifest = stored_manifest(index, loc)
     click.echo(f"{manifest.name} shards at {loc} (toolkit {index['toolkit_version']}, manifest "
                f"{manifest.sha256[:12]})")
     for split, tiers in rows.items():
