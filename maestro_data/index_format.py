@@ -51,7 +51,7 @@ def _show(value: object) -> str:
 
 
 def _fail(where: str, path: str, expected: str, got: object) -> NoReturn:
-    raise ShardError(f"{where}: field {path}: expected {expected}, got {_show(got)}")
+    raise ShardError(f"{where}: {f'field {path}' if path else 'top level'}: expected {expected}, got {_show(got)}")
 
 
 def _dict(where: str, value: object, path: str, required: tuple[str, ...] = ()) -> dict:
@@ -59,7 +59,7 @@ def _dict(where: str, value: object, path: str, required: tuple[str, ...] = ()) 
         _fail(where, path, "an object", value)
     for name in required:
         if name not in value:
-            raise ShardError(f"{where}: field {path}.{name} is missing")
+            raise ShardError(f"{where}: field {f'{path}.{name}' if path else name} is missing")
     return value
 
 
@@ -136,7 +136,7 @@ def check_index(index: object, where: str) -> dict:
                          f"without rebuilding the shards: maestro-data reindex {folder}")
     if schema != INDEX_SCHEMA:
         raise ShardError(f"{where}: unknown index schema version {schema!r} (this toolkit reads {INDEX_SCHEMA})")
-    _dict(where, index, "(top level)", ("toolkit_version", "seed", "manifest", "splits"))
+    _dict(where, index, "", ("toolkit_version", "seed", "manifest", "splits"))
     _str(where, index["toolkit_version"], "toolkit_version")
     _int(where, index["seed"], "seed")
     manifest = _dict(where, index["manifest"], "manifest", ("name", "sha256", "text"))
@@ -224,7 +224,7 @@ def parse_sidecar(raw: bytes, where: str, samples: int, shard_sha256: str, tile_
     """A sidecar's content, checked: format, the shard it describes, ``samples`` unique keys whose tile ids are
     ``tile_id_of(key)``, unique field names, one non-negative integer row per sample. Offsets are checked against
     the shard by ``layout.spans_from_sidecar``."""
-    body = _dict(where, load_json(raw, where), "(top level)",
+    body = _dict(where, load_json(raw, where), "",
                  ("format", "schema", "shard_sha256", "samples", "keys", "tile_ids", "fields", "layout"))
     if body["format"] != SIDECAR_FORMAT or body["schema"] != INDEX_SCHEMA:
         _fail(where, "format", f"{SIDECAR_FORMAT!r} schema {INDEX_SCHEMA}", (body["format"], body["schema"]))

@@ -123,6 +123,18 @@ def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monk
     (shifted / "index.json").write_text(json.dumps(index))
     with pytest.raises(StreamError, match=rf"{entry['url']}: sample '.*': the tar header before byte \d+"):
         run(shifted, "train", mode="eval")
+    from maestro_data.verify import verify
+
+    assert verify(shifted) == []  # in bounds and well formed: only the full check reads the headers
+    (problem,) = verify(shifted, full=True)
+    assert entry["url"] in problem and "differs from the tar headers" in problem
+    body["layout"][2] = 2 << 30  # a 2 GiB member: verify names it without reading the shard's headers
+    path.write_text(json.dumps(body))
+    columns["sidecar_bytes"][i] = path.stat().st_size
+    columns["sidecar_sha256"][i] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (shifted / "index.json").write_text(json.dumps(index))
+    (problem,) = verify(shifted)
+    assert entry["url"] in problem and "beyond the shard's" in problem
     # a sidecar that does not match the index's digest is refused (by a process that has not read it yet)
     import maestro_data.stream_read as stream_read
 
