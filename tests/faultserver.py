@@ -84,20 +84,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(owner.faults.slow_s)
         if fault == "503":
             return self._empty(503)
-        data = path.read_bytes()
-        start, end = 0, len(data)
+        total = path.stat().st_size
+        start, end = 0, total
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match:
-            start, end = int(match[1]), min(len(data), int(match[2]) + 1 if match[2] else len(data))
+            start, end = int(match[1]), min(total, int(match[2]) + 1 if match[2] else total)
             if start >= end:
                 return self._empty(416)
-        body = data[start:end]
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
         self.send_response(206 if match else 200)
         length = len(body) - 1000 if fault == "short_length" and len(body) > 1000 else len(body)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
         if match:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
         if fault in ("reset", "truncate", "short_length"):
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -179,8 +181,11 @@ class MotoS3:
 
 
 def moto_s3() -> MotoS3:
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
