@@ -98,9 +98,24 @@ def scan_shard(source: ByteSource) -> list[SampleSpan]:
     return spans
 
 
+def _ustar_matches(block: bytes, name: bytes, size: int) -> bool:
+    """Whether one ustar header block names regular file ``name`` of ``size`` bytes with a valid checksum: the
+    common case, checked in a few microseconds (``tarfile.TarInfo.frombuf`` takes ~80 per member)."""
+    try:
+        return (block[:len(name)] == name and block[len(name)] == 0 and block[345] == 0 and block[156] in b"0\0"
+                and int(block[124:136].split(b"\0", 1)[0] or b"-1", 8) == size
+                and int(block[148:156].split(b"\0", 1)[0], 8) == sum(block) - sum(block[148:156]) + 256)
+    except ValueError:
+        return False
+
+
 def _header_problem(region: bytes, name: str, size: int) -> str | None:
     """Why the tar header(s) in ``region`` (ending where the member's data starts) do not describe member ``name``
-    of ``size`` bytes; None when they do. One ustar block is parsed directly, anything longer (PAX) by tarfile."""
+    of ``size`` bytes; None when they do. One ustar block is checked directly, anything else (PAX, or a mismatch
+    to explain) is parsed by tarfile."""
+    encoded = name.encode()
+    if len(region) == BLOCK and len(encoded) < 100 and _ustar_matches(region, encoded, size):
+        return None
     try:
         if len(region) == BLOCK:
             info = tarfile.TarInfo.frombuf(region, "utf-8", "surrogateescape")
