@@ -8,7 +8,8 @@ same loader (train mode, batch 8, one process, ``num_workers=0``) from
   faults  the HTTP server injecting a fault (503, reset, truncated body, short Content-Length, slow response) into
           every 2nd request: ``faults_exact`` is true when that epoch's batches equal the local epoch's bit for bit.
 
-Rates are valid samples per wall-clock second over whole epochs (at least ``--seconds`` per figure); loopback
+Rates are valid samples per wall-clock second over whole epochs after an untimed first epoch (at least
+``--seconds`` per figure); loopback
 servers share the machine's cores with the loader, so remote figures measure the access layer's overhead, not a
 network. Tiles: aerial 4x512² uint8, DEM 2x512² float32, S2 T=50 + mask, S1 asc/desc T=70, COSIA labels.
 The LAST line printed is one JSON object.
@@ -59,8 +60,10 @@ def epoch(stream, epoch_no: int) -> list[dict]:
 
 
 def rate(stream, seconds: float) -> tuple[float, list[dict]]:
-    """Valid samples per second over whole epochs (1, 2, ...) of one loader lasting at least ``seconds``; the
-    first epoch's batches are returned for comparison."""
+    """Valid samples per second over whole epochs (1, 2, ...) of one loader lasting at least ``seconds``, after an
+    untimed epoch 0 (the process's first-use costs; for the cached loader, the fill); epoch 1's batches are
+    returned for comparison."""
+    epoch(stream, 0)
     n, e, first, start = 0, 1, None, time.perf_counter()
     while time.perf_counter() - start < seconds or first is None:
         batches = epoch(stream, e)
