@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         t1 = time.perf_counter()
         index = write_shards(out, tmp / "shards", ShardOptions(shard_bytes=256 << 20, quiet=True))
         shard_s = time.perf_counter() - t1
-        shard_bytes = sum(e["bytes"] for s in index["splits"].values() for t in s["tiers"].values() for e in t)
+        shard_bytes = sum(sum(t["bytes"]) for s in index["splits"].values() for t in s["tiers"].values())
         print(f"shards: {shard_bytes / 1e6:.1f} MB in {shard_s:.2f} s")
         result = {
             "tiles": args.tiles,

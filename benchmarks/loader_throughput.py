@@ -36,6 +36,7 @@ from rasterio.windows import Window
 
 from maestro_data.augment import d4_apply, random_d4
 from maestro_data.build import BuildOptions, build_store
+from maestro_data.index_format import all_entries
 from maestro_data.manifest import load_manifest
 from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.sources.flair import split_patch_id
@@ -126,7 +127,7 @@ def stream_rate(shards: Path, split: str, mode: str, seconds: float, on_device: 
 def raw_read_rate(shards: Path, seconds: float) -> tuple[float, float]:
     """(c) samples/s of reading every shard's bytes in order (1 MiB reads, no parsing)."""
     index = json.loads((shards / "index.json").read_text())
-    entries = [e for s in index["splits"].values() for t in s["tiers"].values() for e in t]
+    entries = all_entries(index)
     n, clock = 0, Clock()
     while clock.elapsed() < seconds:
         for e in entries:

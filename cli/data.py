@@ -123,8 +123,8 @@ def _size(text: str) -> int:
 
 
 def _echo_index(index: dict, where: Path | str) -> None:
-    shards = sum(len(e) for s in index["splits"].values() for e in s["tiers"].values())
-    size = sum(x["bytes"] for s in index["splits"].values() for e in s["tiers"].values() for x in e)
+    shards = sum(len(c["url"]) for s in index["splits"].values() for c in s["tiers"].values())
+    size = sum(sum(c["bytes"]) for s in index["splits"].values() for c in s["tiers"].values())
     click.echo(f"shards: {shards} files, {size / 1e6:.1f} MB, index {where}")
 
 
@@ -163,8 +163,8 @@ def shard(store: Path, out: Path, shard_size: int, seed: int, quiet: bool) -> No
 def verify(location: str, full: bool, dataset: str | None) -> None:
     """Check every shard of an index (folder, index.json path or URL): presence, size, sha256; or every chunk
     of a tile store (presence and size; --full: sha256)."""
-    from maestro_data.shard_read import verify as verify_shards
     from maestro_data.store import is_store
+    from maestro_data.verify import verify as verify_shards
 
     if is_store(location):
         _verify_store(location, full)
@@ -187,6 +187,17 @@ def _verify_store(location: str, full: bool) -> None:
         raise click.ClickException(f"{len(problems)} damaged file(s) in the tile store {location}; "
                                    "`maestro-data build ... --resume` converts the damaged blocks again")
     click.echo(f"ok: every chunk of {location} is present" + (" and intact (sha256)" if full else " (sizes match)"))
+
+
+@main.command()
+@click.argument("location")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def reindex(location: str, quiet: bool) -> None:
+    """Rewrite the index of the shard set at LOCATION (folder, index.json path or URL) as schema 2, with one
+    sidecar per shard built from the shard's tar headers: no rebuild, the shards are not changed."""
+    from maestro_data.reindex import reindex as reindex_shards
+
+    _echo_index(reindex_shards(location, quiet=quiet), location)
 
 
 @main.command()
@@ -227,16 +238,15 @@ def _echo_split_origin(text: str | None, old_default: bool) -> None:
 
 def _index_info(location: str, as_json: bool) -> None:
     from maestro_data import split_origin
-    from maestro_data.manifest import parse_manifest
-    from maestro_data.shard_read import open_index
+    from maestro_data.shard_read import open_index, stored_manifest
 
     index, loc = open_index(location)
-    manifest = parse_manifest(index["manifest"]["text"], origin=loc)
+    manifest = stored_manifest(index, loc)
     # shards written before the index recorded it: nothing known beyond the dataset's kind of splits
     origin = index["split_origin"] if "split_origin" in index else \
         split_origin.stored_origin({}, by_folds=manifest.splits.source == "folds")
-    rows = {split: {tier: {"shards": len(e), "samples": sum(x["samples"] for x in e),
-                           "bytes": sum(x["bytes"] for x in e)} for tier, e in info["tiers"].items()}
+    rows = {split: {tier: {"shards": len(c["url"]), "samples": sum(c["samples"]), "bytes": sum(c["bytes"])}
+                    for tier, c in info["tiers"].items()}
             for split, info in index["splits"].items()}
     if as_json:
         click.echo(json.dumps({"index": loc, "dataset": manifest.name, "splits": rows, "split_origin": origin,

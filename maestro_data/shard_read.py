@@ -1,15 +1,15 @@
-"""Opening shard indexes and shards from a path or URL, safely, and verifying them.
+"""Opening shard indexes and shards from a path or URL, safely.
 
-An index is opened from a local path, ``file://``, ``http(s)://``, ``s3://`` or ``gs://`` (fsspec; the cloud
-back-ends are optional extras). Shard urls inside an index are relative to the index and are resolved by this
+An index is opened from a local path, ``file://``, ``http(s)://``, ``s3://`` or ``gs://`` through the access
+layer (``remote.py``: retries, timeouts; the cloud back-ends are optional extras) and checked field by field
+(``index_format.check_index``). Shard urls inside an index are relative to the index and are resolved by this
 module only: a ``pipe:`` url or an absolute url in an index file is refused, so an index can never make a reader
 execute anything. Tar members are checked (regular files, no ``/``, ``..`` or absolute names, only ``.npy`` and
-``.json``), npy headers are bounded and parsed with ``allow_pickle=False``.
+``.json``), npy headers are bounded and parsed with ``allow_pickle=False``. ``verify.py`` checks a whole set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -18,19 +18,18 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
-import fsspec
 import numpy as np
 
-from maestro_data.errors import ShardError
+from maestro_data.errors import MaestroError, ShardError
+from maestro_data.index_format import INDEX_NAME, MAX_INDEX_BYTES, check_index, load_json, relative_url_problem
 from maestro_data.manifest import Manifest, parse_manifest
-from maestro_data.shards import INDEX_FORMAT, INDEX_NAME, INDEX_SCHEMA, tile_id_of
+from maestro_data.remote import AccessOptions, Missing, SourceFile, object_size, open_source, read_object
+from maestro_data.shards import tile_id_of
 
 MAX_NPY_HEADER = 4096
 # the member-name rule of check_member: ``<key>.<field>.npy`` -> groups 1, 2; ``<key>.json`` -> 4
 MEMBER = re.compile(r"^([A-Za-z0-9_%-]+)\.([A-Za-z0-9_]+)\.(npy)$|^([A-Za-z0-9_%-]+)\.(json)$")
-FIELD = re.compile(r"^[A-Za-z0-9_]+$")  # a member's field name (``json`` for the metadata)
 
 
 def _is_url(location: str) -> bool:
@@ -49,34 +48,24 @@ def resolve_index(location: str | Path) -> str:
 
 def shard_url(index_location: str, relative: str) -> str:
     """Resolve a shard url of the index relative to the index; refuse anything that is not a plain relative path."""
-    parsed = urlparse(relative)
-    if parsed.scheme or relative.startswith(("/", "pipe:")) or ".." in relative.split("/") or "\\" in relative:
-        raise ShardError(f"{index_location}: shard url {relative!r} is not a relative path inside the shard folder")
+    problem = relative_url_problem(relative) if isinstance(relative, str) else "is not a string"
+    if problem:
+        raise ShardError(f"{index_location}: shard url {relative!r} {problem}")
     base = index_location.rsplit("/", 1)[0] if "/" in index_location else "."
     return posixpath.join(base, relative) if _is_url(base) else str(Path(base) / relative)
 
 
-def open_index(location: str | Path) -> tuple[dict, str]:
-    """Read and check an index; returns (index, its resolved location)."""
+def open_index(location: str | Path, options: AccessOptions | None = None) -> tuple[dict, str]:
+    """Read and check an index (see ``index_format``); returns (index, its resolved location)."""
     loc = resolve_index(location)
     try:
-        with fsspec.open(loc, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ShardError(f"{loc}: no shard index (index.json is written last; was the shard writing interrupted?)")\
-            from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise ShardError(f"{loc}: cannot read shard index: {exc}") from exc
-    try:
-        index = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{loc}: shard index is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ShardError(f"{loc}: not a maestro shard index")
-    if index.get("schema") != INDEX_SCHEMA:
-        raise ShardError(f"{loc}: unknown index schema version {index.get('schema')!r} (this toolkit reads "
-                         f"{INDEX_SCHEMA})")
-    return index, loc
+        raw = read_object(loc, options or AccessOptions(), max_bytes=MAX_INDEX_BYTES)
+    except Missing:
+        raise ShardError(f"{loc}: no shard index (index.json is written last; was the shard writing "
+                         "interrupted?)") from None
+    except ShardError as exc:
+        raise ShardError(f"cannot read shard index: {exc}") from exc
+    return check_index(load_json(raw, loc), loc), loc
 
 
 def check_manifest(index: dict, manifest: Manifest, location: str) -> None:
@@ -86,11 +75,19 @@ def check_manifest(index: dict, manifest: Manifest, location: str) -> None:
     applied at stream time (temporal bins, normalisation, band selection, ignored labels, ...) reads the same
     shards without a rebuild."""
     got = index["manifest"]
-    built = parse_manifest(got["text"], origin=f"{location} (manifest)")
+    built = stored_manifest(index, location)
     if built.storage_sha256 != manifest.storage_sha256:
         raise ShardError(f"{location}: shards were built from manifest {got['name']!r} ({got['sha256'][:12]}), "
                          f"whose stored modalities or targets differ from {manifest.name!r} "
                          f"({manifest.sha256[:12]})")
+
+
+def stored_manifest(index: dict, location: str) -> Manifest:
+    """The manifest the shards were built from (stored in the index); a bad one is a ShardError."""
+    try:
+        return parse_manifest(index["manifest"]["text"], origin=f"{location} (stored manifest)")
+    except MaestroError as exc:
+        raise ShardError(f"{location}: field manifest.text: {exc}") from exc
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # parsed headers, by their bytes
@@ -192,13 +189,11 @@ def iter_samples(fileobj, origin: str) -> Iterator[dict]:
         yield current
 
 
-def read_shard(url: str) -> Iterator[dict]:
-    """Samples of one shard (local path or fsspec url)."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            yield from iter_samples(f, url)
-    except FileNotFoundError:
-        raise ShardError(f"{url}: shard is missing") from None
+def read_shard(url: str, options: AccessOptions | None = None) -> Iterator[dict]:
+    """Samples of one shard (local path or fsspec url, read through the access layer), in tar order."""
+    options = options or AccessOptions()
+    with open_source(url, object_size(url, options), options) as source:
+        yield from iter_samples(SourceFile(source), url)
 
 
 def check_sample(sample: dict, manifest: Manifest, origin: str) -> None:
@@ -221,62 +216,3 @@ def check_sample(sample: dict, manifest: Manifest, origin: str) -> None:
     for name in manifest.targets:
         if name not in sample:
             raise ShardError(f"{origin}: sample {key!r} lacks target {name!r}")
-
-
-def verify(location: str | Path, full: bool = False, manifest: Manifest | None = None) -> list[str]:
-    """Check presence, size and sha256 of every shard (and with ``full`` decode every sample against the manifest).
-
-    Returns a list of problems, one line per bad shard (empty when all is well)."""
-
-    index, loc = open_index(location)
-    if manifest is not None:
-        check_manifest(index, manifest, loc)
-    manifest = manifest or parse_manifest(index["manifest"]["text"], origin=f"{loc} (manifest)")
-    problems = []
-    keys_seen: dict[str, str] = {}
-    for split, info in index["splits"].items():
-        for tier, entries in info["tiers"].items():
-            for entry in entries:
-                url = shard_url(loc, entry["url"])
-                problem = _verify_shard(url, entry, manifest, full, keys_seen, f"{split}/{tier}")
-                if problem:
-                    problems.append(problem)
-    return problems
-
-
-def _verify_shard(url: str, entry: dict, manifest: Manifest, full: bool, keys_seen: dict, where: str) -> str | None:
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with fsspec.open(url, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
-    except FileNotFoundError:
-        return f"{url}: missing shard"
-    except OSError as exc:
-        return f"{url}: unreadable: {exc}"
-    if size != entry["bytes"]:
-        return f"{url}: {size} bytes, the index says {entry['bytes']} (truncated or replaced)"
-    if digest.hexdigest() != entry["sha256"]:
-        return f"{url}: sha256 mismatch (corrupted)"
-    for key in entry["keys"]:
-        if key in keys_seen:
-            return f"{url}: duplicate sample key {key!r} (also in {keys_seen[key]})"
-        keys_seen[key] = url
-    if len(entry["keys"]) != entry["samples"] or len(entry["tile_ids"]) != entry["samples"]:
-        return f"{url}: the index lists {len(entry['keys'])} keys for {entry['samples']} samples"
-    if not full:
-        return None
-    try:
-        got = []
-        for sample in read_shard(url):
-            check_sample(sample, manifest, url)
-            if sample["meta"]["tile_id"] != sample["tile_id"]:
-                raise ShardError(f"{url}: key {sample['__key__']!r} does not map to its tile id")
-            got.append(sample["__key__"])
-    except ShardError as exc:
-        return str(exc)
-    if got != entry["keys"]:
-        return f"{url}: holds {len(got)} samples, the index lists {entry['samples']} ({where})"
-    return None

@@ -13,12 +13,10 @@ lon, lat, reference date). Tiles are written in a seeded random order so every s
 tier; bytes are a pure function of the store and the seed (fixed tar header fields), and each shard is written
 to a temporary name and renamed.
 
-Each shard entry of the index may carry ``members`` (optional, additive; readers of indexes without it scan the
-tar headers instead): ``{"fields": [f, ...], "samples": [[start, off_1, size_1, ..., off_n, size_n], ...]}``,
-per sample the byte offset of its first tar header and, per field in ``fields`` order, the offset of the member's
-data relative to ``start`` and its size (``json`` = the metadata member). It is written only when every sample
-of the shard has the same fields in the same order (always, for shards written here), so a stream reader seeks
-straight to a sample with no per-process scan of the headers.
+Beside each shard, ``<split>/<tier>-<nnnnn>.samples.json`` (its sidecar) lists the shard's sample keys, tile
+ids and member layout; ``index.json`` holds per shard only url, samples, bytes, sha256 and the sidecar's size and
+sha256 (``maestro_data/index_format.py`` describes both). Every sample of a shard has the same members in the same
+order (one manifest), so the layout is one integer row per sample.
 """
 
 from __future__ import annotations
@@ -37,13 +35,19 @@ from tqdm import tqdm
 
 from maestro_data import __version__
 from maestro_data.errors import ShardError, StoreError
+from maestro_data.index_format import (
+    COLUMNS,
+    INDEX_FORMAT,
+    INDEX_NAME,
+    INDEX_SCHEMA,
+    encode_sidecar,
+    index_bytes,
+    sidecar_url,
+)
 from maestro_data.randomness import permutation
 from maestro_data.store import TileStore
 from maestro_data.tile import Tile
 
-INDEX_NAME = "index.json"
-INDEX_FORMAT = "maestro-shards"
-INDEX_SCHEMA = 1
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
@@ -110,24 +114,36 @@ class _HashingFile:
         self._file.close()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` through a temporary name and a rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class _ShardWriter:
-    """Writes consecutive shards of one tier, rolling over at ``max_bytes``; returns their index entries."""
+    """Writes consecutive shards of one tier and their sidecars, rolling over at ``max_bytes``; returns the index
+    columns of the tier."""
 
     def __init__(self, out: Path, split: str, tier: str, max_bytes: int):
         self.out, self.split, self.tier, self.max_bytes = out, split, tier, max_bytes
-        self.entries: list[dict] = []
+        self.columns: dict[str, list] = {name: [] for name in COLUMNS}
         self._tar = None
 
     def _open(self) -> None:
-        rel = f"{self.split}/{self.tier}-{len(self.entries):05d}.tar"
-        self._path = self.out / rel
+        self._rel = f"{self.split}/{self.tier}-{len(self.columns['url']):05d}.tar"
+        self._path = self.out / self._rel
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self._path.with_name(self._path.name + ".tmp")
         self._file = _HashingFile(self._tmp)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self._entry = {"url": rel, "samples": 0, "bytes": 0, "sha256": "", "keys": [], "tile_ids": []}
+        self._keys: list[str] = []
+        self._ids: list[str] = []
         self._fields: list[str] | None = None
-        self._layouts: list[list[int]] | None = []
+        self._layout: list[int] = []
 
     def add(self, tile_id: str, members: list[tuple[str, bytes]]) -> None:
         if self._tar is None:
@@ -143,14 +159,12 @@ class _ShardWriter:
             fields.append(name[len(key) + 1:].removesuffix(".npy"))
         if self._fields is None:
             self._fields = fields
-        if self._layouts is not None:
-            if fields == self._fields:
-                self._layouts.append(layout)
-            else:  # a shard of mixed layouts: readers scan its headers
-                self._layouts = None
-        self._entry["samples"] += 1
-        self._entry["keys"].append(key)
-        self._entry["tile_ids"].append(tile_id)
+        elif fields != self._fields:
+            raise ShardError(f"{self._path}: tile {tile_id!r} has members {fields}, the shard's first sample "
+                             f"{self._fields}: one shard holds samples of one layout")
+        self._layout += layout
+        self._keys.append(key)
+        self._ids.append(tile_id)
         if self._file.tell() >= self.max_bytes:
             self._close()
 
@@ -158,17 +172,18 @@ class _ShardWriter:
         self._tar.close()
         self._file.close()
         os.replace(self._tmp, self._path)
-        self._entry["bytes"] = self._file.size
-        self._entry["sha256"] = self._file.sha256.hexdigest()
-        if self._layouts is not None and self._fields is not None:
-            self._entry["members"] = {"fields": self._fields, "samples": self._layouts}
-        self.entries.append(self._entry)
+        sha256 = self._file.sha256.hexdigest()
+        sidecar = encode_sidecar(sha256, self._keys, self._ids, self._fields or [], self._layout)
+        write_atomic(self.out / sidecar_url(self._rel), sidecar)
+        row = (self._rel, len(self._keys), self._file.size, sha256, len(sidecar), hashlib.sha256(sidecar).hexdigest())
+        for name, value in zip(COLUMNS, row, strict=True):
+            self.columns[name].append(value)
         self._tar = None
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> dict[str, list]:
         if self._tar is not None:
             self._close()
-        return self.entries
+        return self.columns
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,7 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / INDEX_NAME
     index_path.unlink(missing_ok=True)  # the index is the commit marker: it must not outlive a rewrite
-    for stale in out.rglob("*.tar.tmp"):
+    for stale in (*out.rglob("*.tar.tmp"), *out.rglob("*.json.tmp")):
         stale.unlink()
     splits = {}
     total = int(store.valid.sum())
@@ -208,25 +223,12 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
             tiers[tier] = writer.finish()
         _, counts = store.subsets(split)
         splits[split] = {"tiers": tiers, "subsets": {str(p): c for p, c in counts.items()},
-                         "samples": sum(e["samples"] for t in tiers.values() for e in t)}
+                         "samples": sum(sum(t["samples"]) for t in tiers.values())}
     bar.close()
     index = {
         "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": options.seed,
         "manifest": {"name": store.manifest.name, "sha256": store.manifest.sha256, "text": store.manifest.text},
         "splits": splits, "split_origin": store.split_origin(),
     }
-    tmp = index_path.with_name(INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, index_path)
+    write_atomic(index_path, index_bytes(index))
     return index
-
-
-def shard_entries(index: dict, split: str, subset: int = 100) -> list[dict]:
-    """Index entries of the shards that make up ``subset`` % of ``split`` (the union of tiers <= subset)."""
-    if split not in index["splits"]:
-        raise ShardError(f"index has no split {split!r} (splits: {', '.join(index['splits'])})")
-    tiers = index["splits"][split]["tiers"]
-    chosen = [t for t in tiers if int(t) <= subset]
-    if subset != 100 and str(subset) not in tiers:
-        raise ShardError(f"index has no {subset} % subset for {split!r} (tiers: {', '.join(tiers)})")
-    return [e for t in sorted(chosen, key=int) for e in tiers[t]]

@@ -1,14 +1,16 @@
 """The streaming loader: shard index -> epoch plan -> (rank, worker) split -> sequential shard reads -> batches.
 
 Stages (one function or class each): ``load_table`` (index + split + subset -> the tiles, in shard order) ->
-``stream_order`` (the epoch's element order) -> ``rank_slots`` (this rank's equal share) -> ``EpochPlan.block``
+``epoch_order`` (the epoch's element order) -> ``rank_slots`` (this rank's equal share; both in ``plan.py``) ->
+``EpochPlan.block``
 (blocks of whole batches, shuffled inside) -> ``ShardReader`` (sequential reads of the needed samples) ->
 ``collate.SampleTransform`` (crop, time steps, bands, normalisation, labels, D4) -> ``collate.BatchBuffer``.
 
 **Elements.** An element is (tile, crop index): ``repeats²`` per tile (PASTIS-HD 64, others 1) in train and eval
 alike (paper §6.2.1 repetition factor). Train draws a random crop per element, eval takes crop ``i`` of the
 row-major non-overlapping grid. E = tiles × repeats² elements per epoch (``num_samples``); the index lists every
-shard's keys, so E and every rank's share are known before a byte is read.
+shard's sample count, so E and every rank's share are known before a byte is read, in O(shards + share) time and
+memory (the epoch's order is never materialised: ``EpochOrder``).
 
 **Order.** Train: the shard order is a permutation of (seed, epoch); each shard's tiles keep their stored order (the
 shard writer stored them in a seeded random order) and a tile's crops are consecutive. This *stream order* is cut
@@ -35,6 +37,11 @@ every rank yields ``ceil(ceil(E/world)/B)`` batches of B rows; unused rows are z
 size larger than E is refused. Every rank has the same ``len()`` for any number of shards (even fewer shards than
 ranks × workers): the split is over samples, not shards.
 
+**Remote shards.** Indexes, sidecars and shards are read through one access layer (``cache.Access``): transient
+failures are retried ``retries`` times with exponential backoff and jitter (``timeout_s`` per connect/read), then
+the error names the shard, the sample and the last cause; with ``cache_dir`` every remote shard and sidecar is
+fetched once per node, verified against the index's sha256 and kept (LRU within ``cache_limit_gb``).
+
 **Memory.** A worker holds one decoded tile, the batch arrays of the block it builds and at most
 ``prefetch_factor`` finished blocks: about (1 + prefetch_factor) × ``block_memory_mb`` plus one tile.
 
@@ -58,23 +65,24 @@ moves batches with ``device.to_model_batch(batch, manifest, accelerator.device)`
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from maestro_data.cache import Access
 from maestro_data.collate import ArrayPool, BatchBuffer, SampleTransform, TransformOptions, option_problems
 from maestro_data.device import to_model_batch, to_tensors
 from maestro_data.errors import MaestroError, StreamError
-from maestro_data.manifest import Manifest, parse_manifest
-from maestro_data.randomness import permutation
-from maestro_data.shard_read import check_manifest, open_index
+from maestro_data.manifest import Manifest
+from maestro_data.plan import EpochOrder, EpochPlan, epoch_order, rank_slots, stream_order
+from maestro_data.remote import AccessOptions
+from maestro_data.shard_read import check_manifest, open_index, stored_manifest
+from maestro_data.shards import tile_id_of
 from maestro_data.stream_read import ShardReader, ShardTable, load_table
 
 __all__ = ["StreamConfig", "StreamLoader", "EpochPlan", "make_loader", "to_model_batch", "stream_order",
-           "rank_slots", "ShardTable", "load_table"]
+           "rank_slots", "ShardTable", "load_table", "EpochOrder", "epoch_order"]
 log = logging.getLogger(__name__)
 
 
@@ -100,6 +108,12 @@ class StreamConfig:
     pin_memory: bool = False
     prefetch_factor: int = 2
     mp_context: str | None = None  # DataLoader multiprocessing context (None: the platform default)
+    retries: int = 5  # per remote read, after the first attempt (transient failures only)
+    timeout_s: float = 60.0  # per connect and per socket read of a remote request
+    backoff_s: float = 0.5  # first wait before a retry (doubling, at most 30 s, full jitter)
+    cache_dir: str | None = None  # node-local cache of remote shards and sidecars (shared by workers and ranks)
+    cache_limit_gb: float | None = None  # LRU bound of cache_dir (None: unbounded)
+    storage_options: dict | None = None  # fsspec options of the remote store (e.g. {"endpoint_url": ...})
 
     def transform_options(self) -> TransformOptions:
         """The per-sample transform's share of the configuration."""
@@ -107,10 +121,18 @@ class StreamConfig:
                                 keep_hours=self.keep_hours, normalize_on_device=self.normalize_on_device,
                                 d4_on_device=self.d4_on_device)
 
+    def access_options(self) -> AccessOptions:
+        return AccessOptions(retries=self.retries, timeout_s=self.timeout_s, backoff_s=self.backoff_s,
+                             storage_options=dict(self.storage_options or {}))
+
+    def access(self) -> Access:
+        """How this stream reads bytes: retries, timeouts and the optional node-local cache."""
+        return Access(self.access_options(), self.cache_dir, self.cache_limit_gb)
+
 
 def _check_config(c: StreamConfig, manifest: Manifest) -> None:
     """Everything checkable before the index is read; whether ``subset`` is one of the index's tiers is checked
-    against the index (``shards.shard_entries``) by ``load_table``."""
+    against the index (``index_format.shard_columns``) by ``load_table``."""
     splits = (*manifest.splits.names, "pretrain")
     problems = option_problems(c.transform_options())
     if c.split not in splits:
@@ -125,63 +147,11 @@ def _check_config(c: StreamConfig, manifest: Manifest) -> None:
         problems.append(f"on_error {c.on_error!r} is not 'raise' or 'skip'")
     if c.block_samples is not None and c.block_samples < 1:
         problems.append("block_samples must be >= 1")
+    problems += c.access_options().problems()
+    if c.cache_limit_gb is not None and not c.cache_limit_gb > 0:
+        problems.append(f"cache_limit_gb {c.cache_limit_gb!r} must be > 0 (or None: unbounded)")
     if problems:
         raise StreamError(f"{c.index}: invalid stream configuration: " + "; ".join(problems))
-
-
-def stream_order(table: ShardTable, repeats: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """Element ids (tile * repeats + crop) of the epoch in stream order: shards permuted when ``shuffle``."""
-    shards = permutation(table.num_shards, seed, epoch, "stream/shards") if shuffle else np.arange(table.num_shards)
-    tiles = np.concatenate([np.arange(table.starts[s], table.starts[s + 1]) for s in shards] or [np.zeros(0, int)])
-    return (tiles[:, None] * repeats + np.arange(repeats)[None, :]).ravel().astype(np.int64)
-
-
-def rank_slots(order: np.ndarray, world: int, rank: int, batch: int, train: bool, pad_policy: str = "pad",
-               where: str = "") -> np.ndarray:
-    """This rank's element ids, a whole number of batches, the same count on every rank (-1 = padding row)."""
-    e = len(order)
-    if world > e:
-        raise StreamError(f"{where}: world size {world} is larger than the {e} samples of the epoch: some ranks "
-                          "would have nothing to read")
-    if train:
-        per_batch = world * batch
-        share = (math.ceil(e / per_batch) if pad_policy == "pad" else e // per_batch) * batch
-        if share == 0:
-            raise StreamError(f"{where}: pad_policy 'drop' with {e} samples < world size {world} x batch {batch} "
-                              "leaves no batch")
-        return order[(rank * share + np.arange(share)) % e]
-    lo, hi = rank * e // world, (rank + 1) * e // world
-    slots = np.full(math.ceil(math.ceil(e / world) / batch) * batch, -1, dtype=np.int64)
-    slots[:hi - lo] = order[lo:hi]
-    return slots
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """One rank's epoch: its slots cut into blocks of whole batches (shuffled inside in train)."""
-
-    slots: np.ndarray
-    batch_size: int
-    block_batches: int
-    seed: int
-    epoch: int
-    rank: int
-    shuffle: bool
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.slots) // self.batch_size
-
-    @property
-    def num_blocks(self) -> int:
-        return math.ceil(self.num_batches / self.block_batches)
-
-    def block(self, k: int) -> np.ndarray:
-        b = self.batch_size * self.block_batches
-        slots = self.slots[k * b:(k + 1) * b]
-        if self.shuffle:
-            slots = slots[permutation(len(slots), self.seed, self.epoch, f"stream/block/{self.rank}/{k}")]
-        return slots
 
 
 @dataclass
@@ -195,6 +165,7 @@ class _EpochJob:
     skip_batches: int
     on_error: str
     check_samples: bool
+    access: Access
     pool: ArrayPool | None = field(default=None, repr=False)
     reader: ShardReader | None = field(default=None, repr=False)
 
@@ -206,7 +177,7 @@ class _EpochJob:
     def build(self, k: int, skip: int) -> dict:
         """Block ``k`` without its first ``skip`` batches: {"block", "batches", "skipped"}."""
         if self.reader is None:
-            self.reader = ShardReader(self.table, self.manifest if self.check_samples else None)
+            self.reader = ShardReader(self.table, self.manifest if self.check_samples else None, self.access)
         b = self.plan.batch_size
         slots = self.plan.block(k)[skip * b:]
         spec = self.transform.output_spec()
@@ -218,22 +189,22 @@ class _EpochJob:
             if e >= 0:
                 need.setdefault(e // repeats, []).append((row, e % repeats))
         skipped = []
-        for tile, sample, error in self.reader.read(sorted(need)):
+        for tile, key, sample, error in self.reader.read(sorted(need)):
+            # a sample whose shard's sidecar could not be read is named by its position in the shard
+            tile_id = tile_id_of(key) if key else f"{self.table.url_of(tile)}#{self.table.position_of(tile)}"
             if error is None:
                 try:
                     for row, crop in need[tile]:
-                        buffers[row // b].fill(row % b, self.transform, sample, crop, self.plan.epoch,
-                                               self.table.tile_ids[tile])
+                        buffers[row // b].fill(row % b, self.transform, sample, crop, self.plan.epoch, tile_id)
                     continue
                 except (MaestroError, ValueError, IndexError, KeyError) as exc:
-                    error = (f"{self.table.url_of(tile)}: sample {self.table.keys[tile]!r} "
-                             f"(tile {self.table.tile_ids[tile]!r}): {exc}")
+                    error = f"{self.table.url_of(tile)}: sample {key!r} (tile {tile_id!r}): {exc}"
             if self.on_error == "raise":
                 raise StreamError(error)
             for row, crop in need[tile]:
                 buffers[row // b].arrays["valid"][row % b] = False
                 buffers[row // b].arrays["crop_index"][row % b] = -1
-                skipped.append({"tile_id": self.table.tile_ids[tile], "crop": crop, "reason": error})
+                skipped.append({"tile_id": tile_id, "crop": crop, "reason": error})
         return {"block": k, "batches": [to_tensors(buf.as_dict()) for buf in buffers], "skipped": skipped}
 
 
@@ -274,7 +245,7 @@ class StreamLoader:
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
             train = self.config.mode == "train"
-            order = stream_order(self.table, self.transform.repeats, self.config.seed, epoch, shuffle=train)
+            order = epoch_order(self.table, self.transform.repeats, self.config.seed, epoch, shuffle=train)
             slots = rank_slots(order, self.world_size, self.rank, self.config.batch_size, train,
                                self.config.pad_policy, where=self.table.location)
             self._plan = EpochPlan(slots, self.config.batch_size, self.block_batches, self.config.seed, epoch,
@@ -306,7 +277,7 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict]:
         job = _EpochJob(self.plan(self.epoch), self.table, self.manifest, self.transform, self._resume_at,
-                        self.config.on_error, self.config.check_samples, self._pool)
+                        self.config.on_error, self.config.check_samples, self.config.access(), self._pool)
         self._consumed, self._resume_at = self._resume_at, 0
         self.skipped = []
         if self.config.num_workers == 0:
@@ -342,9 +313,9 @@ def make_loader(config: StreamConfig, manifest: Manifest | None = None, *, rank:
     """Open the index, check it against ``manifest`` (default: the manifest stored in the index) and build this
     rank's loader. ``rank``/``world_size`` default to torch.distributed when initialised, else 0/1."""
     try:
-        index, location = open_index(config.index)
+        index, location = open_index(config.index, config.access_options())
         if manifest is None:
-            manifest = parse_manifest(index["manifest"]["text"], origin=f"{location} (stored manifest)")
+            manifest = stored_manifest(index, location)
         else:
             check_manifest(index, manifest, location)
     except MaestroError as exc:

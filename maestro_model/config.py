@@ -22,7 +22,8 @@ PHASES = ("pretrain", "probe", "finetune")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # keys that only say where/how a run is logged or stored: they may change when a run is resumed
 # (train.threads too: a resumed job may land on another machine; the trainer warns that its bits may then differ)
-RUN_ONLY = {"data.index", "data.num_workers", "train.output_dir", "train.resume", "train.checkpoint_every",
+RUN_ONLY = {"data.index", "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.retries",
+            "data.timeout_s", "train.output_dir", "train.resume", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "train.trace", "train.exit_after_steps", "train.quiet",
             "train.threads"}
 # keys that no longer exist, with why: a config naming one is refused with that reason; a checkpoint that recorded
@@ -41,6 +42,10 @@ class DataConfig:
     index: str = ""                 # shard index.json (or its folder), a path or URL
     subset: int = 100               # 5 | 20 | 100 % of the training split(s)
     num_workers: int = 2            # loader worker processes per rank
+    cache_dir: str = ""             # node-local cache of remote shards ("": none); see the README's streaming section
+    cache_limit_gb: float = 0.0     # LRU bound of cache_dir (0: unbounded)
+    retries: int = 5                # per remote read, transient failures only
+    timeout_s: float = 60.0         # per connect and socket read of a remote request
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,8 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
         raise bad("data.subset", f"must be 5, 20 or 100, got {cfg.data.subset}")
     if cfg.data.num_workers < 0:
         raise bad("data.num_workers", "must be >= 0")
+    if cfg.data.retries < 0 or cfg.data.timeout_s <= 0 or cfg.data.cache_limit_gb < 0:
+        raise bad("data.retries/timeout_s/cache_limit_gb", "retries and cache_limit_gb must be >= 0, timeout_s > 0")
     if cfg.train.precision not in PRECISIONS:
         raise bad("train.precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     for key in ("lr_scaling", "final_lr"):

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -83,7 +83,8 @@ class Trainer:
         self.manifest = load_manifest(cfg.data.manifest)
         if not cfg.data.index:
             raise TrainError("data.index is not set: give the shard index (path or URL) of a built dataset")
-        self.index, self.index_location = open_index(cfg.data.index)  # opened once: every loader reuses it
+        # opened once: every loader reuses it
+        self.index, self.index_location = open_index(cfg.data.index, self._stream_options().access_options())
         check_manifest(self.index, self.manifest, self.index_location)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
@@ -217,10 +218,16 @@ class Trainer:
         return progress
 
     # ------------------------------------------------------------------------------------------------ data
+    def _stream_options(self) -> StreamConfig:
+        """The [data] settings every loader of the run shares (remote access and cache included)."""
+        d = self.cfg.data
+        return StreamConfig(index=d.index, split="train", seed=self.cfg.train.seed, num_workers=d.num_workers,
+                            cache_dir=d.cache_dir or None, cache_limit_gb=d.cache_limit_gb or None,
+                            retries=d.retries, timeout_s=d.timeout_s)
+
     def loader(self, split: str, mode: str, batch_size: int, subset: int) -> StreamLoader:
         """This rank's loader of ``split`` from the index opened (and checked) once in ``__init__``."""
-        sc = StreamConfig(index=self.cfg.data.index, split=split, mode=mode, subset=subset, batch_size=batch_size,
-                          seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers)
+        sc = replace(self._stream_options(), split=split, mode=mode, subset=subset, batch_size=batch_size)
         table = load_table(self.index, self.index_location, self.manifest, split, subset)
         loader = StreamLoader(sc, self.manifest, table, self.rank, self.world)
         if mode == "eval" and batch_size > loader.num_samples // self.world:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,6 +17,7 @@ from fakes import MemorySource
 import maestro_data.build as build_mod
 from maestro_data.build import BuildOptions, build_store, compute_subsets
 from maestro_data.manifest import load_manifest
+from maestro_data.reindex import reindex
 from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.stream import StreamConfig, make_loader
 from maestro_data.synthetic import generate
@@ -76,8 +79,9 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
         for x, y in zip(a, b, strict=True))
 
 
-def rewrite_member(shard: Path, edit) -> None:
-    """Rewrite a shard tar, passing every (name, bytes) through ``edit`` (None drops the member)."""
+def rewrite_member(shard: Path, edit, refresh: bool = True) -> None:
+    """Rewrite a shard tar, passing every (name, bytes) through ``edit`` (None drops the member); with
+    ``refresh`` the index and sidecar are rewritten to match (as a user who edited a shard would)."""
     out = io.BytesIO()
     with tarfile.open(shard) as src, tarfile.open(fileobj=out, mode="w") as dst:
         for member in src:
@@ -86,6 +90,36 @@ def rewrite_member(shard: Path, edit) -> None:
                 member.size = len(data)
                 dst.addfile(member, io.BytesIO(data))
     shard.write_bytes(out.getvalue())
+    if refresh:
+        refresh_index(shard)
+
+
+def refresh_index(shard: Path) -> None:
+    """Make the index say the shard's new size and sha256, then rebuild its sidecars (``reindex``)."""
+    root = next(p for p in shard.parents if (p / "index.json").exists())
+    index = json.loads((root / "index.json").read_text())
+    rel = shard.relative_to(root).as_posix()
+    for info in index["splits"].values():
+        for columns in info["tiers"].values():
+            if rel in columns["url"]:
+                i = columns["url"].index(rel)
+                columns["bytes"][i] = shard.stat().st_size
+                columns["sha256"][i] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (root / "index.json").write_text(json.dumps(index))
+    reindex(root)
+
+
+def edit_index(root: Path, edit) -> dict:
+    """Rewrite ``root/index.json`` through ``edit(index)``; returns the edited index."""
+    index = json.loads((root / "index.json").read_text())
+    edit(index)
+    (root / "index.json").write_text(json.dumps(index))
+    return index
+
+
+def read_sidecar(root: Path, rel: str) -> dict:
+    """The sidecar of shard ``rel`` (a url of the index) as JSON."""
+    return json.loads((root / rel.removesuffix(".tar")).with_suffix(".samples.json").read_text())
 
 
 def copy_shards(src: Path, dst: Path) -> Path:

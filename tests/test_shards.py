@@ -3,27 +3,27 @@ and every corruption verify must catch."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 from fakes import MemorySource
 from hypothesis import given
 from hypothesis import strategies as st
+from streamkit import edit_index, read_sidecar
 
 import maestro_data.shards as shards_mod
 from maestro_data.build import BuildOptions, build_store, compute_subsets
 from maestro_data.errors import ShardError
+from maestro_data.index_format import shard_entries
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import iter_samples, open_index, read_shard, shard_url, verify
-from maestro_data.shards import ShardOptions, sample_key, shard_entries, tile_id_of, write_shards
+from maestro_data.shard_read import iter_samples, open_index, read_shard, shard_url
+from maestro_data.shards import ShardOptions, sample_key, tile_id_of, write_shards
 from maestro_data.store import TileStore
+from maestro_data.verify import verify
 
 MANIFEST = load_manifest("treesatai-ts")
 
@@ -53,30 +53,29 @@ def test_round_trip_through_tarfile_and_webdataset(built, tmp_path):
     assert sum(s["samples"] for s in index["splits"].values()) == len(store)
     # plain tarfile + np.load, as any user could
     seen = set()
-    for split in index["splits"].values():
-        for entries in split["tiers"].values():
-            for entry in entries:
-                with tarfile.open(tmp_path / "shards" / entry["url"]) as tar:
-                    names = tar.getnames()
-                    for key, tile_id in zip(entry["keys"], entry["tile_ids"], strict=True):
-                        assert tile_id_of(key) == tile_id
-                        tile = store.read_tile(tile_id)
-                        meta = json.loads(tar.extractfile(f"{key}.json").read())
-                        assert meta["tile_id"] == tile_id and meta["split"] == tile.split
-                        for name, series in tile.series.items():
-                            data = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}.npy").read()))
-                            assert data.dtype == series.data.dtype
-                            assert np.array_equal(data, series.data, equal_nan=True)
-                            dates = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}_dates.npy").read()))
-                            assert np.array_equal(dates, series.dates)
-                        seen.add(tile_id)
-                    assert len(names) == len(set(names))
+    for split in index["splits"]:
+        for entry in shard_entries(index, split):
+            sidecar = read_sidecar(tmp_path / "shards", entry["url"])
+            with tarfile.open(tmp_path / "shards" / entry["url"]) as tar:
+                names = tar.getnames()
+                for key, tile_id in zip(sidecar["keys"], sidecar["tile_ids"], strict=True):
+                    assert tile_id_of(key) == tile_id
+                    tile = store.read_tile(tile_id)
+                    meta = json.loads(tar.extractfile(f"{key}.json").read())
+                    assert meta["tile_id"] == tile_id and meta["split"] == tile.split
+                    for name, series in tile.series.items():
+                        data = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}.npy").read()))
+                        assert data.dtype == series.data.dtype
+                        assert np.array_equal(data, series.data, equal_nan=True)
+                        dates = np.load(io.BytesIO(tar.extractfile(f"{key}.{name}_dates.npy").read()))
+                        assert np.array_equal(dates, series.dates)
+                    seen.add(tile_id)
+                assert len(names) == len(set(names))
     assert seen == set(store.tile_ids)
     # the webdataset reader sees the same samples
     import webdataset as wds
 
-    urls = [str(tmp_path / "shards" / e["url"]) for s in index["splits"].values() for t in s["tiers"].values()
-            for e in t]
+    urls = [str(tmp_path / "shards" / e["url"]) for s in index["splits"] for e in shard_entries(index, s)]
     count = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
         tile = store.read_tile(tile_id_of(sample["__key__"]))
@@ -92,7 +91,8 @@ def test_tiers_are_nested_subsets_without_duplicated_bytes(built, tmp_path):
     store = TileStore(built)
     for split in ("train", "val", "test"):
         order, counts = store.subsets(split)
-        ids = {p: [e for entry in shard_entries(index, split, p) for e in entry["tile_ids"]] for p in (5, 20, 100)}
+        ids = {p: [e for entry in shard_entries(index, split, p)
+                   for e in read_sidecar(tmp_path / "shards", entry["url"])["tile_ids"]] for p in (5, 20, 100)}
         assert len(ids[5]) == counts[5] and len(ids[20]) == counts[20]
         assert set(ids[5]) <= set(ids[20]) <= set(ids[100])
         assert len(ids[100]) == len(set(ids[100])) == len(store.split_indices(split))
@@ -108,8 +108,10 @@ def test_rewrite_is_byte_identical(built, tmp_path):
     for path in (tmp_path / "a").rglob("*.tar"):
         other = tmp_path / "b" / path.relative_to(tmp_path / "a")
         assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(other.read_bytes()).digest()
-    c = write_shards(built, tmp_path / "c", ShardOptions(shard_bytes=200_000, seed=1, quiet=True))
-    assert c["splits"]["train"]["tiers"]["100"][0]["tile_ids"] != a["splits"]["train"]["tiers"]["100"][0]["tile_ids"]
+    write_shards(built, tmp_path / "c", ShardOptions(shard_bytes=200_000, seed=1, quiet=True))
+    first = a["splits"]["train"]["tiers"]["100"]["url"][0]
+    assert read_sidecar(tmp_path / "c", first)["tile_ids"] != read_sidecar(tmp_path / "a", first)["tile_ids"]
+    assert [p.name for p in (tmp_path / "a").rglob("*.samples.json")]
 
 
 def test_interrupted_writing_leaves_no_index_and_a_rerun_completes(built, tmp_path, monkeypatch):
@@ -137,18 +139,10 @@ def test_interrupted_writing_leaves_no_index_and_a_rerun_completes(built, tmp_pa
 
 @pytest.fixture
 def http_server(tmp_path):
-    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    from faultserver import FaultServer
 
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    with FaultServer(tmp_path) as server:
+        yield server.url
 
 
 def test_reading_and_verifying_over_http(built, tmp_path, http_server):
@@ -164,12 +158,6 @@ def test_reading_and_verifying_over_http(built, tmp_path, http_server):
     (tmp_path / "shards" / "val" / "100-00000.tar").unlink()
     problems = verify(url)
     assert len(problems) == 1 and "val/100-00000.tar: missing shard" in problems[0]
-
-
-def _rewrite_index(path, edit):
-    index = json.loads(path.read_text())
-    edit(index)
-    path.write_text(json.dumps(index))
 
 
 def test_verify_names_each_corruption(built, tmp_path):
@@ -198,20 +186,24 @@ def test_index_counts_schema_manifest_and_urls(built, tmp_path):
     original = index_path.read_text()
 
     def more_samples(index):
-        index["splits"]["val"]["tiers"]["100"][0]["samples"] += 1
+        index["splits"]["val"]["tiers"]["100"]["samples"][0] += 1
+        index["splits"]["val"]["samples"] += 1
 
-    _rewrite_index(index_path, more_samples)
-    assert "keys for" in verify(out)[0]
+    edit_index(out, more_samples)
+    assert "field samples: " in verify(out)[0] and "the index says" in verify(out)[0]
     index_path.write_text(original)
 
-    def duplicate_key(index):
-        tiers = index["splits"]["train"]["tiers"]["100"]
-        tiers[-1]["keys"][0] = index["splits"]["val"]["tiers"]["100"][0]["keys"][0]
+    def duplicate_shard(index):  # val's first shard listed in train too: its keys are in two shards
+        val, train = index["splits"]["val"]["tiers"]["100"], index["splits"]["train"]["tiers"]["100"]
+        for name, column in train.items():
+            column.append(val[name][0])
+        index["splits"]["train"]["samples"] += val["samples"][0]
 
-    _rewrite_index(index_path, duplicate_key)
-    assert any("duplicate sample key" in p for p in verify(out))
+    edit_index(out, duplicate_shard)
+    problems = verify(out)
+    assert problems and all("duplicate sample key" in p and "also in" in p for p in problems)
     index_path.write_text(original)
-    _rewrite_index(index_path, lambda ix: ix.update(schema=99))
+    edit_index(out, lambda ix: ix.update(schema=99))
     with pytest.raises(ShardError, match="unknown index schema version 99"):
         verify(out)
     index_path.write_text(original)
@@ -269,14 +261,15 @@ def test_hostile_members_are_refused(members, message):
 
 
 @pytest.mark.parametrize(("members", "message"), MEMBER_CASES)
-def test_the_stream_header_scan_applies_the_same_member_rule(members, message, tmp_path):
-    from maestro_data.errors import StreamError
-    from maestro_data.stream_read import scan_shard
+def test_the_header_scan_applies_the_same_member_rule(members, message, tmp_path):
+    from maestro_data.layout import scan_shard
+    from maestro_data.remote import AccessOptions, open_source
 
     shard = tmp_path / "hostile.tar"
     shard.write_bytes(_tar(members).getvalue())
-    with pytest.raises(StreamError, match=message) as info:
-        scan_shard(str(shard))
+    with pytest.raises(ShardError, match=message) as info, open_source(str(shard), shard.stat().st_size,
+                                                                        AccessOptions()) as source:
+        scan_shard(source)
     assert str(shard) in str(info.value) and "after sample" in str(info.value)
 
 

@@ -1,5 +1,5 @@
-"""Stream I/O details: normalising into batch rows, the index's member layout, recycled batch memory, the span
-cache, device-side normalisation and label tables."""
+"""Stream I/O details: normalising into batch rows, sidecar layouts (checked against the shard and its tar
+headers), old indexes, recycled batch memory, the span cache, device-side normalisation and label tables."""
 
 from __future__ import annotations
 
@@ -43,48 +43,105 @@ def test_normalise_into_a_row_equals_the_reference_bit_for_bit():
         normalise(x, False, 5.0, out=np.zeros(x.shape, np.float64))
 
 
-def test_index_layout_replaces_the_header_scan_and_reads_the_same(mem, tmp_path, monkeypatch):
+def _sidecar_of(root, entry):
+    from maestro_data.index_format import parse_sidecar
+    from maestro_data.shards import tile_id_of
+
+    raw = (root / entry["url"].removesuffix(".tar")).with_suffix(".samples.json").read_bytes()
+    return parse_sidecar(raw, "x.samples.json", entry["samples"], entry["sha256"], tile_id_of)
+
+
+def test_sidecar_layouts_are_the_tar_headers_and_a_schema_1_index_is_refused_then_reindexed(mem, tmp_path):
     import json
 
+    from maestro_data.index_format import all_entries
+    from maestro_data.layout import scan_shard, spans_from_sidecar
+    from maestro_data.reindex import reindex
+    from maestro_data.remote import AccessOptions, open_source
+
+    index = json.loads((mem / "index.json").read_text())
+    old = copy_shards(mem, tmp_path / "old")
+    v1 = {**index, "schema": 1, "splits": {}}
+    for entry in all_entries(index):
+        sidecar = _sidecar_of(mem, entry)
+        with open_source(str(mem / entry["url"]), entry["bytes"], AccessOptions()) as source:
+            assert spans_from_sidecar(sidecar, "x.tar", entry["bytes"]) == scan_shard(source)
+        info = v1["splits"].setdefault(entry["split"], {**index["splits"][entry["split"]], "tiers": {}})
+        info["tiers"].setdefault(entry["tier"], []).append(
+            {"url": entry["url"], "samples": entry["samples"], "bytes": entry["bytes"], "sha256": entry["sha256"],
+             "keys": list(sidecar.keys), "tile_ids": list(sidecar.tile_ids)})
+        (old / entry["url"].removesuffix(".tar")).with_suffix(".samples.json").unlink()
+    (old / "index.json").write_text(json.dumps(v1))
+    with pytest.raises(StreamError, match=r"index schema 1 .*no longer read.*maestro-data reindex"):
+        run(old)
+    rewritten = reindex(old)
+    assert rewritten["splits"] == index["splits"]  # the same sidecars, byte for byte (their sha256 agree)
+    assert same_batches(run(old, batch_size=4, seed=3), run(mem, batch_size=4, seed=3))
+
+
+def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+    import json
+
+    from maestro_data.errors import ShardError
+    from maestro_data.index_format import shard_entries
+    from maestro_data.layout import spans_from_sidecar
+
+    index = json.loads((mem / "index.json").read_text())
+    entry = max(shard_entries(index, "train"), key=lambda e: e["samples"])
+    assert entry["samples"] >= 2
+    sidecar = _sidecar_of(mem, entry)
+    size = entry["bytes"]
+
+    def edited(row, col, value):
+        layout = sidecar.layout.copy()
+        layout[row, col] = value
+        return dataclasses.replace(sidecar, layout=layout)
+
+    for bad, message in ((edited(0, 2, 2 << 30), "beyond the shard's"),  # a 2 GiB member in a small shard
+                         (edited(0, 2, 1 << 40), "beyond the shard's"),  # 1 TiB: no MemoryError
+                         (edited(0, 3, sidecar.layout[0, 1]), "not separated by one tar header"),
+                         (edited(0, 1, 700), "off the 512-byte blocks"),
+                         (edited(1, 0, sidecar.layout[0, 0]), "overlap")):
+        with pytest.raises(ShardError, match=message) as info:
+            spans_from_sidecar(bad, "x.tar", size)
+        assert repr(sidecar.keys[0]) in str(info.value) or repr(sidecar.keys[1]) in str(info.value)
+    # a layout shifted by one tar block, signed into the index: the tar headers disagree, the stream refuses it
+    shifted = copy_shards(mem, tmp_path / "shifted")
+    path = (shifted / entry["url"].removesuffix(".tar")).with_suffix(".samples.json")
+    body = json.loads(path.read_text())
+    width = 1 + 2 * len(body["fields"])
+    last = entry["samples"] - 1  # the last sample: shifted, it still ends inside the shard (tar's end padding)
+    body["layout"] = [v + 512 if i == last * width else v for i, v in enumerate(body["layout"])]
+    path.write_text(json.dumps(body))
+    tier = entry["url"].split("/")[1].split("-")[0]
+    columns = index["splits"]["train"]["tiers"][tier]
+    i = columns["url"].index(entry["url"])
+    columns["sidecar_bytes"][i] = path.stat().st_size
+    columns["sidecar_sha256"][i] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (shifted / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StreamError, match=rf"{entry['url']}: sample '.*': the tar header before byte \d+"):
+        run(shifted, "train", mode="eval")
+    from maestro_data.verify import verify
+
+    assert verify(shifted) == []  # in bounds and well formed: only the full check reads the headers
+    (problem,) = verify(shifted, full=True)
+    assert entry["url"] in problem and "differs from the tar headers" in problem
+    body["layout"][2] = 2 << 30  # a 2 GiB member: verify names it without reading the shard's headers
+    path.write_text(json.dumps(body))
+    columns["sidecar_bytes"][i] = path.stat().st_size
+    columns["sidecar_sha256"][i] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (shifted / "index.json").write_text(json.dumps(index))
+    (problem,) = verify(shifted)
+    assert entry["url"] in problem and "beyond the shard's" in problem
+    # a sidecar that does not match the index's digest is refused (by a process that has not read it yet)
     import maestro_data.stream_read as stream_read
 
-    index = json.loads((mem / "index.json").read_text())
-    entries = [e for s in index["splits"].values() for t in s["tiers"].values() for e in t]
-    assert entries and all(len(e["members"]["samples"]) == e["samples"] for e in entries)
-    assert "json" in entries[0]["members"]["fields"]
-    kw = dict(batch_size=4, block_samples=8, seed=3)
     monkeypatch.setattr(stream_read, "_SPANS", stream_read.SpanCache())
-    monkeypatch.setattr(stream_read, "scan_shard", lambda url: pytest.fail(f"scanned {url}"))
-    with_layout = run(mem, **kw)
-    old = copy_shards(mem, tmp_path / "old")  # an index written before layouts existed: scanned, same batches
-    for e in (e for s in index["splits"].values() for t in s["tiers"].values() for e in t):
-        del e["members"]
-    (old / "index.json").write_text(json.dumps(index))
-    monkeypatch.undo()
-    assert same_batches(with_layout, run(old, **kw))
-
-
-def test_a_layout_that_disagrees_with_the_shard_is_refused_or_rescanned(mem, tmp_path):
-    import json
-
-    from maestro_data.stream_read import spans_from_layout
-
-    index = json.loads((mem / "index.json").read_text())
-    entry = index["splits"]["val"]["tiers"]["100"][0]
-    layout, keys = entry["members"], entry["keys"]
-    assert len(spans_from_layout("x.tar", layout, keys)) == len(keys)
-    for bad, message in (({**layout, "fields": ["../s2", *layout["fields"][1:]]}, "invalid field names"),
-                         ({**layout, "samples": layout["samples"][:-1]}, "samples for"),
-                         ({**layout, "samples": [[-1, *layout["samples"][0][1:]]] + layout["samples"][1:]},
-                          "not \\[start"),
-                         ({"fields": layout["fields"]}, "malformed")):
-        with pytest.raises(StreamError, match=message):
-            spans_from_layout("x.tar", bad, keys)
-    # a layout shifted by one tar block: the tar headers disagree, the reader falls back to scanning the shard
-    shifted = copy_shards(mem, tmp_path / "shifted")
-    entry["members"]["samples"] = [[r[0] + 512, *r[1:]] for r in entry["members"]["samples"]]
-    (shifted / "index.json").write_text(json.dumps(index))
-    assert same_batches(run(shifted, "val", mode="eval"), run(mem, "val", mode="eval"))
+    path.write_text(path.read_text() + " ")
+    with pytest.raises(StreamError, match="samples.json: .*the index says"):
+        run(shifted, "train", mode="eval")
 
 
 def test_batch_memory_is_recycled_only_once_released_and_padding_rows_are_zero():
@@ -117,32 +174,22 @@ def test_batch_memory_is_recycled_only_once_released_and_padding_rows_are_zero()
 
 
 def test_a_shard_rewritten_at_the_same_url_is_not_read_with_stale_offsets(mem, tmp_path):
-    import hashlib
-    import json
-
-    index_path = copy_shards(mem, tmp_path / "shards") / "index.json"
-    index = json.loads(index_path.read_text())
-    for e in (e for s in index["splits"].values() for t in s["tiers"].values() for e in t):
-        del e["members"]  # the spans come from (cached) header scans
-    index_path.write_text(json.dumps(index))
-    before = run(index_path.parent, "val", mode="eval")
-    entry = index["splits"]["val"]["tiers"]["100"][0]
-    shard = index_path.parent / entry["url"]
-    # the same samples with padded metadata: every later member moves, and the index is rewritten with the shard
+    root = copy_shards(mem, tmp_path / "shards")
+    before = run(root, "val", mode="eval")
+    shard = sorted((root / "val").glob("*.tar"))[0]
+    # the same samples with padded metadata: every later member moves; the index and sidecar are rewritten too
     rewrite_member(shard, lambda name, data: data + b" " * 700 if name.endswith(".json") else data)
-    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
-    index_path.write_text(json.dumps(index))
-    assert same_batches(run(index_path.parent, "val", mode="eval"), before)
+    assert same_batches(run(root, "val", mode="eval"), before)
 
 
 def test_span_cache_is_bounded_and_least_recently_used_goes_first():
     from maestro_data.stream_read import SpanCache
 
     cache = SpanCache(size=2)
-    cache.put(("a.tar", "1"), [], False)
-    cache.put(("b.tar", "1"), [], True)
-    assert cache.get(("a.tar", "1")) == ([], False)  # a is now the most recent
-    cache.put(("a.tar", "2"), [], False)  # the same url, another shard: a new entry; b goes
+    cache.put(("a.tar", "1"), [])
+    cache.put(("b.tar", "1"), [])
+    assert cache.get(("a.tar", "1")) == []  # a is now the most recent
+    cache.put(("a.tar", "2"), [])  # the same url, another shard: a new entry; b goes
     assert len(cache) == 2 and cache.get(("b.tar", "1")) is None and cache.get(("a.tar", "1")) is not None
 
 

@@ -271,7 +271,7 @@ def test_index_opened_once_and_each_loader_built_once_per_phase(shards, tmp_path
 
     opened, tables = [], []
     real_open, real_table = train_module.open_index, train_module.load_table
-    monkeypatch.setattr(train_module, "open_index", lambda loc: opened.append(loc) or real_open(loc))
+    monkeypatch.setattr(train_module, "open_index", lambda loc, *a: opened.append(loc) or real_open(loc, *a))
     monkeypatch.setattr(train_module, "load_table", lambda *a: tables.append(a[3]) or real_table(*a))
     cfg = load_config(DEMO, _overrides(shards, tmp_path, **{"finetune.epochs": 2, "finetune.batch_size": 4}))
     history = train(cfg, ("finetune",))["finetune"]["history"]
