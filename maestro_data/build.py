@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,8 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
     if not src.is_dir():
         raise SourceError(f"source folder {src} does not exist")
     store = _prepare_output(out, options)
-    source = open_source(manifest, src, options.source)
+    # the readers need --on-error too: a split file the layout promises may be missing only under "skip"
+    source = open_source(manifest, src, replace(options.source, on_error=options.on_error))
     source.check_layout()
     refs = source.list_tiles()
     if options.limit is not None:
