@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from pyproj.exceptions import CRSError
+from pyproj.exceptions import CRSError, ProjError
 from rasterio.errors import RasterioError
 
 from maestro_data.dates import dates_array
@@ -325,7 +325,11 @@ class FlairHubSource(Source):
                               f"transform {grid.transform}), cannot locate the tile", tile_id=ref.tile_id,
                               path=str(path))
         bounds = grid_bounds(grid)
-        lon, lat = bounds_centre_lonlat(bounds, grid.crs)
+        try:
+            lon, lat = bounds_centre_lonlat(bounds, grid.crs)
+        except ProjError as exc:
+            raise SourceError(f"modality {self._loc_modality}: CRS {grid.crs} does not map to lon/lat ({exc})",
+                              tile_id=ref.tile_id, path=str(path)) from None
         if not (np.isfinite(lon) and np.isfinite(lat)):
             raise SourceError(f"modality {self._loc_modality}: bounds {tuple(bounds)} do not map to lon/lat",
                               tile_id=ref.tile_id, path=str(path))

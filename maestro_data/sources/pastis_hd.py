@@ -29,6 +29,7 @@ from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.sources.base import (
     Source,
     SourceOptions,
+    check_file,
     check_series,
     check_target_classes,
     check_unique,
@@ -172,6 +173,7 @@ class PastisHDSource(Source):
         if self._patches is not None:
             return self._patches
         path = self.root / METADATA
+        check_file(path, "not a PASTIS-HD folder", missing=f"{METADATA} is missing")
         try:
             raw = json.loads(path.read_bytes())
         except FileNotFoundError:
