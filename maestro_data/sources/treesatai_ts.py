@@ -50,6 +50,7 @@ from maestro_data.sources.treesatai_h5 import READ_ERRORS, Plan, dataset, open_h
 from maestro_data.sources.treesatai_layout import (
     FOOTPRINTS_GEOJSON,
     LABELS_JSON,
+    RELEASE_AERIAL,
     Row,
     aerial_candidates,
     footprints,
@@ -67,6 +68,10 @@ AERIAL_FILE_PX = 304  # published aerial GeoTIFFs are 304 px; MAESTRO centre-cro
 FRACTIONS_KEY = "fractions"  # reader-private TileRef key: genus fractions in the label class order
 TS_DIR = "sentinel-ts"
 LOCATION_PATTERN = "aerial/{aerial_name}"  # the only georeferenced file of a tile (the HDF5 has none)
+
+
+def _missing_tif(path: Path) -> str:
+    return f"missing GeoTIFF (nor in the release's {path.parent.name}/{RELEASE_AERIAL}/)"
 
 
 class TreeSatAITSSource(Source):
@@ -239,7 +244,7 @@ class TreeSatAITSSource(Source):
 
         def count(name: str, plan: Plan, f: h5py.File | None, path: Path) -> int:
             if f is None:
-                check_file(path, name, tile_id=ref.tile_id, missing="missing GeoTIFF")
+                check_file(path, name, tile_id=ref.tile_id, missing=_missing_tif(path))
                 return 1
             steps = dataset(f, plan.dataset, 4, ref, path).shape[0]
             names = dataset(f, plan.products, 1, ref, path).shape[0]
@@ -252,7 +257,7 @@ class TreeSatAITSSource(Source):
 
     def _open_tif(self, path: Path, ref: TileRef, what: str, window: Window | None = None) -> tuple:
         """(pixels of ``window`` or None, file grid, centre lon/lat) of a georeferenced GeoTIFF."""
-        check_file(path, what, tile_id=ref.tile_id, missing="missing GeoTIFF")
+        check_file(path, what, tile_id=ref.tile_id, missing=_missing_tif(path))
         try:
             with rasterio.open(path) as src:
                 if window is not None and (src.height, src.width) != (AERIAL_FILE_PX, AERIAL_FILE_PX):
