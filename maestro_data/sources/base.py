@@ -3,7 +3,10 @@
 A build calls, in order: ``check_layout()`` (is this folder the named dataset?), ``list_tiles()`` (ids, splits,
 folds from the split tables: cheap, no raster opened), ``probe(ref)`` per tile (time steps per modality, from
 date tables or file headers) and ``read(ref)`` per tile (all rasters). ``probe`` and ``read`` raise
-:class:`SourceError` naming the tile and file, so a build with ``--on-error skip`` can drop just that tile.
+:class:`SourceError` naming the tile and file, so a build with ``--on-error skip`` can drop just that tile; a bad
+row of a split or label table is such a per-tile defect too (``defective``), raised by that tile's probe. What is
+wrong with the layout itself (a promised split file missing, ``report_split_tables``) is an error under
+``--on-error fail`` and a ``layout_notes`` entry under skip.
 """
 
 from __future__ import annotations
