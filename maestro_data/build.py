@@ -17,7 +17,7 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +152,8 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
     if not src.is_dir():
         raise SourceError(f"source folder {src} does not exist")
     store = _prepare_output(out, options)
-    source = open_source(manifest, src, options.source)
+    # the readers need --on-error too: a split file the layout promises may be missing only under "skip"
+    source = open_source(manifest, src, replace(options.source, on_error=options.on_error))
     source.check_layout()
     refs = source.list_tiles()
     if options.limit is not None:

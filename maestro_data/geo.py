@@ -27,6 +27,32 @@ def bounds_centre_lonlat(bounds: Any, crs: str) -> tuple[float, float]:
     return to_lonlat((left + right) / 2, (bottom + top) / 2, crs)
 
 
+def geojson_crs(member: Any) -> str | None:
+    """The pre-RFC-7946 GeoJSON ``crs`` member as a pyproj input (None when absent); ValueError when unreadable."""
+    if member is None:
+        return None
+    props = member.get("properties") if isinstance(member, dict) else None
+    if isinstance(props, dict) and isinstance(props.get("name"), str):
+        return props["name"]
+    raise ValueError(f"unrecognised 'crs' member {member!r}: expected {{'type': 'name', 'properties': "
+                     "{'name': 'urn:ogc:def:crs:EPSG::2154'}}")
+
+
+def polygon_points(geometry: Any) -> np.ndarray:
+    """(N, 2) float64 positions of every ring of a GeoJSON Polygon/MultiPolygon; ValueError when malformed."""
+    if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+        kind = geometry.get("type") if isinstance(geometry, dict) else type(geometry).__name__
+        raise ValueError(f"expected a Polygon or MultiPolygon geometry, got {kind!r}")
+    polygons = [geometry.get("coordinates")] if geometry["type"] == "Polygon" else geometry.get("coordinates")
+    try:
+        points = np.concatenate([np.asarray(ring, dtype=np.float64)[:, :2] for poly in polygons for ring in poly])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError("coordinates are not lists of [x, y] positions") from None
+    if not len(points) or not np.isfinite(points).all():
+        raise ValueError("polygon has no finite positions")
+    return points
+
+
 def polygon_centroid(geometry: Any) -> tuple[float, float]:
     """Area centroid (shoelace formula) of a GeoJSON Polygon/MultiPolygon, holes subtracted, in its own CRS.
 

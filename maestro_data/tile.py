@@ -28,6 +28,18 @@ class TileRef:
     counts: dict[str, int] = field(default_factory=dict)  # time steps per modality, filled by Source.probe
 
 
+@dataclass(frozen=True)
+class Grid:
+    """Where a raster's pixels lie: ``crs`` (``EPSG:<code>`` where one matches, else WKT; None when the file has
+    none), ``transform`` (a, b, c, d, e, f as in rasterio/GDAL: x = a*col + b*row + c, y = d*col + e*row + f),
+    ``width`` and ``height`` in pixels. Issue #12 stores these per tile so maps can be written on the label grid."""
+
+    crs: str | None
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+
+
 @dataclass
 class Tile:
     tile_id: str
@@ -38,3 +50,5 @@ class Tile:
     ref_date: np.ndarray  # (3,) int16
     series: dict[str, Series]
     targets: dict[str, np.ndarray]  # multilabel: (K,) float32 fractions; segmentation: (H, W) class raster
+    # every modality grid and every raster target grid, as read (not stored yet: issue #12)
+    grids: dict[str, Grid] = field(default_factory=dict)

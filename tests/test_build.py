@@ -92,15 +92,17 @@ def test_fold_option_rotates_pastis_splits(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*split file for")  # the committed one-tile folder has train.csv only
 def test_real_treesat_tiles_come_back_unchanged_through_shards(tmp_path, real_mini):
-    """The six tiles of ../shared, or the committed real tile on a fresh clone: counts come from the split CSVs."""
+    """The six tiles of ../shared, or the committed real tile on a fresh clone (train.csv only, so built with
+    --on-error skip): counts come from the split CSVs."""
     tiles = sum(real_split_counts(real_mini).values())
     assert tiles >= 1
     manifest = load_manifest("treesatai-ts")
-    report = build_store(manifest, real_mini, tmp_path / "out", BuildOptions(quiet=True))
-    assert report["tiles_written"] == tiles and report["nan_values"]["s1_des"] > 0
+    report = build_store(manifest, real_mini, tmp_path / "out", BuildOptions(quiet=True, on_error="skip"))
+    assert report["tiles_written"] == tiles and report["tiles_skipped"] == 0
+    assert report["nan_values"]["s1_des"] > 0
     compute_subsets(tmp_path / "out")
     write_shards(tmp_path / "out", tmp_path / "shards", ShardOptions(quiet=True))
-    source = open_source(manifest, real_mini)
+    source = open_source(manifest, real_mini, SourceOptions(on_error="skip"))
     expected = {ref.tile_id: source.read(source.probe(ref)) for ref in source.list_tiles()}
     index, loc = open_index(tmp_path / "shards")
     seen = 0
@@ -118,11 +120,19 @@ def test_real_treesat_tiles_come_back_unchanged_through_shards(tmp_path, real_mi
     assert seen == tiles
 
 
-def test_cli_builds_the_real_sample_and_warns_about_missing_splits(tmp_path, real_sample):
-    result = CliRunner().invoke(main, ["build", "treesatai-ts", "--src", str(real_sample), "--out",
-                                       str(tmp_path / "out"), "--quiet"])
+def test_cli_refuses_the_real_sample_s_missing_splits_unless_skipped(tmp_path, real_sample):
+    """The real sample folder holds train.csv only: the default --on-error fail names the missing split files; under
+    skip it builds, warning about them."""
+    args = ["build", "treesatai-ts", "--src", str(real_sample), "--quiet"]
+    failed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "failed")])
+    assert failed.exit_code != 0 and "Traceback" not in failed.output
+    assert f"{real_sample / 'val.csv'}: split file for 'val' not found" in failed.output
+    assert f"{real_sample / 'test.csv'}: split file for 'test' not found" in failed.output
+    assert "--on-error skip" in failed.output
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out"), "--on-error", "skip"])
     assert result.exit_code == 0, result.output
-    assert "built 1 tiles of treesatai-ts" in result.output and "val" in result.output
+    assert "built 1 tiles of treesatai-ts" in result.output
+    assert f"warning: {real_sample / 'val.csv'}: split file for 'val' not found" in result.output
     assert verify(tmp_path / "out" / "shards", full=True) == []
     info = CliRunner().invoke(main, ["info", str(tmp_path / "out" / "store.zarr"), "--json"])
     summary = json.loads(info.output)

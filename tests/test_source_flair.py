@@ -247,12 +247,17 @@ def test_flair2_from_maestro_csvs(flair2_dataset, tmp_path, sep):
     assert {r.tile_id: r.split for r in refs} == expect
 
 
-def test_flair2_missing_csv_warns(flair2_dataset, tmp_path):
+def test_flair2_missing_csv_fails_or_is_recorded(flair2_dataset, tmp_path):
     root = Path(shutil.copytree(flair2_dataset, tmp_path / "flair-hub"))
     (root / "test_flair2.csv").unlink()
-    with pytest.warns(UserWarning, match="test"):
-        refs = open_source(F2, root).list_tiles()
+    expect_error(lambda: open_source(F2, root).list_tiles(), f"{root / 'test_flair2.csv'}: split file for 'test' "
+                 "not found", "--on-error skip")
+    src = open_source(F2, root, SourceOptions(on_error="skip"))
+    with pytest.warns(UserWarning, match="test_flair2.csv"):
+        refs = src.list_tiles()
     assert refs and all(r.split != "test" for r in refs)
+    assert src.layout_notes == [{"kind": "missing_split", "split": "test", "file": str(root / "test_flair2.csv"),
+                                 "reason": "not found; the 'test' split is empty"}]
 
 
 def test_source_pickles_without_its_tables(dataset):
@@ -345,22 +350,34 @@ def test_duplicate_patch_id_in_a_date_table(fresh):
     expect_error(lambda: hub(fresh).probe(ref), ref.tile_id, S2_GPKG, "more than once")
 
 
+def fails_alone(src, pid: str, *needles: str) -> None:
+    """``pid`` is listed but its probe and read raise (naming it and every needle); every other tile probes."""
+    refs = src.list_tiles()
+    bad = [r for r in refs if r.tile_id == pid]
+    assert len(bad) == 1, "a tile with a bad split row is listed once, to fail alone"
+    expect_error(lambda: src.probe(bad[0]), pid, *needles)
+    expect_error(lambda: src.read(bad[0]), pid, *needles)
+    assert all(src.probe(r).counts["s2"] > 0 for r in refs if r.tile_id != pid)
+
+
 def test_duplicate_patch_id_across_flair2_csvs(flair2_dataset, tmp_path):
     root = Path(shutil.copytree(flair2_dataset, tmp_path / "flair-hub"))
     pid = next(r[0] for r in csv.reader((root / "train_flair2.csv").read_text().splitlines()[1:]))
     with open(root / "test_flair2.csv", "a") as fh:
         fh.write(pid + "\n")
-    expect_error(lambda: open_source(F2, root).list_tiles(), pid, "duplicate")
+    fails_alone(open_source(F2, root), pid, "duplicate tile id", "'train' and 'test'", "test_flair2.csv")
 
 
-@pytest.mark.parametrize("query, needles", [
-    ("UPDATE {t} SET split_1 = 'training' WHERE fid = 1", ["'training'", "train/valid/test"]),
-    ("UPDATE {t} SET patch_id = 'D006-2020_FF_S1_14_5-5' WHERE fid = 1", ["D006-2020_FF_S1_14_5-5", "malformed"]),
-    ("UPDATE {t} SET patch_id = (SELECT patch_id FROM {t} WHERE fid = 2) WHERE fid = 1", ["duplicate"]),
+@pytest.mark.parametrize("query, fid, needles", [
+    ("UPDATE {t} SET split_1 = 'training' WHERE fid = 1", 1, ["'training'", "train/valid/test"]),
+    ("UPDATE {t} SET patch_id = 'D006-2020_FF_S1_14_5-5' WHERE fid = 1", 1, ["malformed"]),
+    ("UPDATE {t} SET patch_id = (SELECT patch_id FROM {t} WHERE fid = 2) WHERE fid = 1", 2, ["duplicate"]),
 ])
-def test_bad_split_table(fresh, query, needles):
-    sql(fresh / MTD_DIR / SPLIT_GPKG, query)
-    expect_error(lambda: hub(fresh).list_tiles(), SPLIT_GPKG, *needles)
+def test_bad_split_row_fails_that_tile_only(fresh, query, fid, needles):
+    gpkg = fresh / MTD_DIR / SPLIT_GPKG
+    sql(gpkg, query)
+    pid = sql(gpkg, "SELECT patch_id FROM {t} WHERE fid = ?", (fid,))[0][0]
+    fails_alone(hub(fresh), pid, str(gpkg), *needles)
 
 
 def test_layout_checks(fresh, tmp_path):

@@ -50,8 +50,8 @@ def root(base: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def _src(root: Path, fold: int = 1) -> PastisHDSource:
-    return open_source(MANIFEST, root, SourceOptions(fold=fold))
+def _src(root: Path, fold: int = 1, on_error: str = "fail") -> PastisHDSource:
+    return open_source(MANIFEST, root, SourceOptions(fold=fold, on_error=on_error))
 
 
 def _put(path: Path, data: bytes) -> None:
@@ -90,6 +90,16 @@ def _raises(fn, *needles: str) -> str:
     for needle in needles:
         assert needle in str(info.value), f"{needle!r} not in {info.value}"
     return str(info.value)
+
+
+def _fails_alone(src: PastisHDSource, tile_id: str, *needles: str) -> None:
+    """``tile_id`` is listed once but its probe and read raise (naming it and every needle); the others probe."""
+    refs = src.list_tiles()
+    bad = [r for r in refs if r.tile_id == tile_id]
+    assert len(bad) == 1
+    for call in (src.probe, src.read):
+        _raises(lambda call=call: call(bad[0]), f"tile '{tile_id}'", *needles)
+    assert all(src.probe(r).counts["s2"] > 0 for r in refs if r.tile_id != tile_id)
 
 
 # ---------------------------------------------------------------- generator
@@ -239,12 +249,13 @@ def test_fold_csvs_take_precedence(root: Path) -> None:
         ("10004", "val", folds["10004"]), ("10001", "test", folds["10001"])]
     assert len(_src(root, fold=1).list_tiles()) == 5  # no CSV for fold 1: folds from metadata
     (root / "test_fold_2.csv").unlink()
-    with pytest.warns(UserWarning, match="test"):
-        assert [r.split for r in _src(root, fold=2).list_tiles()] == ["train", "train", "val"]
+    _raises(lambda: _src(root, fold=2).list_tiles(), f"{root / 'test_fold_2.csv'}: split file for 'test' not found")
+    with pytest.warns(UserWarning, match="test_fold_2.csv"):
+        assert [r.split for r in _src(root, fold=2, on_error="skip").list_tiles()] == ["train", "train", "val"]
     _write_csv(root / "test_fold_2.csv", [10099])
-    _raises(lambda: _src(root, fold=2).list_tiles(), "'10099'", "test_fold_2.csv")
+    _fails_alone(_src(root, fold=2), "10099", str(root / "test_fold_2.csv"), "no feature")
     _write_csv(root / "test_fold_2.csv", [10000])
-    _raises(lambda: _src(root, fold=2).list_tiles(), "'10000'", "duplicate")
+    _fails_alone(_src(root, fold=2), "10000", "duplicate tile id", "'train' and 'test'")
     _put(root / "test_fold_2.csv", b"patch\n10001\n")
     _raises(lambda: _src(root, fold=2).list_tiles(), "'image'", "test_fold_2.csv")
 
@@ -394,15 +405,15 @@ def test_duplicate_id_patch(root: Path) -> None:
     meta = _meta(root)
     meta["features"][3]["properties"]["ID_PATCH"] = 10001
     _write_meta(root, meta)
-    _raises(lambda: _src(root).list_tiles(), "tile '10001'", "metadata.geojson", "duplicate ID_PATCH")
+    _fails_alone(_src(root), "10001", str(root / "metadata.geojson"), "duplicate ID_PATCH (features 1 and 3)")
 
 
 def test_bad_fold_and_id_values(root: Path) -> None:
     _raises(lambda: _src(root).read(TileRef("55555", "train")), "tile '55555'", "metadata.geojson")
     _edit_props(root, "10001", {"Fold": 7})
-    _raises(lambda: _src(root).list_tiles(), "tile '10001'", "Fold 7")
+    _fails_alone(_src(root), "10001", str(root / "metadata.geojson"), "Fold 7 is not one of the folds")
     _edit_props(root, "10001", {"Fold": "x"})
-    _raises(lambda: _src(root).list_tiles(), "tile '10001'", "Fold 'x'")
+    _fails_alone(_src(root), "10001", str(root / "metadata.geojson"), "Fold 'x' is not an integer")
     _edit_props(root, "10001", {"ID_PATCH": "P1"})
     _raises(lambda: _src(root).list_tiles(), "metadata.geojson", "'P1'")
 

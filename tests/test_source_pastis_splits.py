@@ -44,8 +44,8 @@ def _listed(root: Path, name: str) -> list[str]:
         return [row["image"] for row in csv.DictReader(fh)]
 
 
-def _splits(root: Path, fold: int | None) -> tuple[dict[str, str], dict]:
-    source = open_source(MANIFEST, root, SourceOptions(fold=fold))
+def _splits(root: Path, fold: int | None, on_error: str = "fail") -> tuple[dict[str, str], dict]:
+    source = open_source(MANIFEST, root, SourceOptions(fold=fold, on_error=on_error))
     return {r.tile_id: r.split for r in source.list_tiles()}, source.split_origin
 
 
@@ -89,17 +89,26 @@ def test_missing_and_bad_default_split_files(both: Path, tmp_path: Path) -> None
     root = tmp_path / "pastis-hd"
     shutil.copytree(both, root, copy_function=os.link)
     (root / "test.csv").unlink()
+    with pytest.raises(SourceError, match=r"test\.csv: split file for 'test' not found"):
+        _splits(root, None)
     with pytest.warns(UserWarning, match="test"):
-        got, origin = _splits(root, None)
+        got, origin = _splits(root, None, on_error="skip")
     assert set(got.values()) == {"train", "val"} and origin["missing"] == ["test.csv"]
+    (root / "test.csv").mkdir()
+    with pytest.raises(SourceError, match=r"test\.csv: split file for 'test' is a directory, expected a file"):
+        _splits(root, None)
+    (root / "test.csv").rmdir()
     (root / "val.csv").unlink()
     (root / "val.csv").write_text(",image\n0,99999\n")
-    with pytest.raises(SourceError, match=r"99999.*val\.csv|val\.csv.*99999"):
-        _splits(root, None)
+    source = open_source(MANIFEST, root, SourceOptions(on_error="skip"))
+    with pytest.warns(UserWarning, match="test"):
+        ref = next(r for r in source.list_tiles() if r.tile_id == "99999")
+    with pytest.raises(SourceError, match=r"99999.*val\.csv.*no feature"):
+        source.probe(ref)
     (root / "val.csv").unlink()
     (root / "val.csv").write_text("patch\n10000\n")
-    with pytest.raises(SourceError, match=r"val\.csv.*'image'|'image'.*val\.csv"):
-        _splits(root, None)
+    with pytest.raises(SourceError, match=r"val\.csv.*'image'|'image'.*val\.csv"), pytest.warns(UserWarning):
+        _splits(root, None, on_error="skip")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pyproj import Transformer
 
 from maestro_data.errors import SourceError
 from maestro_data.manifest import load_manifest
-from maestro_data.sources import open_source
+from maestro_data.sources import SourceOptions, open_source
 from maestro_data.sources.treesatai_ts import TreeSatAITSSource
 from maestro_data.synthetic.treesatai_ts import MAESTRO_GENERA, generate
 
@@ -36,8 +36,8 @@ def fresh(tmp_path) -> Path:
     return generate(tmp_path, tiles=3, seed=1)
 
 
-def source(root: Path) -> TreeSatAITSSource:
-    return open_source(MANIFEST, root)
+def source(root: Path, on_error: str = "fail") -> TreeSatAITSSource:
+    return open_source(MANIFEST, root, SourceOptions(on_error=on_error))
 
 
 def stamp_date(name: str, token: int) -> tuple[int, int, int]:
@@ -202,11 +202,18 @@ def test_generator_is_deterministic(tmp_path):
 
 # ----- real tiles --------------------------------------------------------------------------------------------
 def test_real_sample_tile(real_sample):
-    src = source(real_sample)
+    """The real folder holds train.csv only: an error by default, two empty splits on record under skip."""
+    with pytest.raises(SourceError) as info:
+        source(real_sample).list_tiles()
+    assert f"{real_sample / 'val.csv'}: split file for 'val' not found" in str(info.value)
+    assert f"{real_sample / 'test.csv'}: split file for 'test' not found" in str(info.value)
+    src = source(real_sample, on_error="skip")
     src.check_layout()
     with pytest.warns(UserWarning) as record:
         refs = src.list_tiles()
     assert sorted(str(w.message).split("split file for ")[1][:6] for w in record) == ["'test'", "'val' "]
+    assert [(n["split"], n["file"]) for n in src.layout_notes] == [("val", str(real_sample / "val.csv")),
+                                                                   ("test", str(real_sample / "test.csv"))]
     assert [(r.tile_id, r.split) for r in refs] == [("Betula_spec._1_15679_WEFL_NLF", "train")]
     ref = src.probe(refs[0])
     assert ref.counts == {"aerial": 1, "s2": 146, "s1_asc": 115, "s1_des": 235}
@@ -232,7 +239,7 @@ def test_real_mini_lists_the_split_csv_tiles_and_reads_them(real_mini):
     """Two tiles per split in ../shared's six-tile folder; the committed real tile (train only) on a fresh clone."""
     counts = real_split_counts(real_mini)
     assert sum(counts.values()) >= 1
-    src = source(real_mini)
+    src = source(real_mini, on_error="skip")
     refs = src.list_tiles()
     assert {s: sum(r.split == s for r in refs) for s in counts} == counts
     for ref in refs:
@@ -253,6 +260,16 @@ def fails(root: Path, ref, *words: str, probe: bool = True) -> None:
             call(ref)
         for word in (ref.tile_id, *words):
             assert word in str(info.value), (word, str(info.value))
+
+
+def fails_alone(root: Path, tile_id: str, *words: str) -> None:
+    """``tile_id`` is listed once but its probe and read raise naming it and every word; the other tiles read."""
+    src = source(root)
+    refs = src.list_tiles()
+    bad = [r for r in refs if r.tile_id == tile_id]
+    assert len(bad) == 1, [r.tile_id for r in refs]
+    fails(root, bad[0], *words)
+    assert all(src.read(src.probe(r)).tile_id == r.tile_id for r in refs if r.tile_id != tile_id)
 
 
 def rewrite(h5: Path, name: str, value: np.ndarray | None) -> None:
@@ -347,9 +364,7 @@ def test_duplicate_tile_across_splits(fresh):
     train = (fresh / "train.csv").read_text().splitlines()
     (fresh / "val.csv").write_text("\n".join((fresh / "val.csv").read_text().splitlines() + train[1:2]))
     tile_id = train[1].split(".tif,")[0]
-    with pytest.raises(SourceError, match="duplicate tile id") as info:
-        source(fresh).list_tiles()
-    assert tile_id in str(info.value) and "'train'" in str(info.value) and "'val'" in str(info.value)
+    fails_alone(fresh, tile_id, "duplicate tile id (listed in splits 'train' and 'val')", str(fresh))
 
 
 def test_not_a_treesatai_folder(tmp_path, fresh):
@@ -389,9 +404,8 @@ def test_csv_genus_columns_must_match_the_manifest(fresh, edit, words):
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "abc"])
 def test_bad_fractions(fresh, value):
     path, rows = edit_csv(fresh, lambda rows: [*rows[:1], [*rows[1][:3], value, *rows[1][4:]], *rows[2:]])
-    with pytest.raises(SourceError) as info:
-        source(fresh).list_tiles()
-    assert rows[1][0].removesuffix(".tif") in str(info.value) and f"{path.name}:2" in str(info.value)
+    words = ["is not a number"] if value == "abc" else ["outside [0, 1]", f"('Betula', {float(value)})"]
+    fails_alone(fresh, rows[1][0].removesuffix(".tif"), f"{path}:2", *words)
 
 
 def release_only(root: Path) -> Path:
@@ -419,9 +433,8 @@ def test_release_labels_and_years_are_checked(fresh):
     text = labels.read_text()
     genus = text.split('[["')[1].split('"')[0]
     labels.write_text(text.replace(f'[["{genus}"', '[["Ulmus"', 1))
-    with pytest.raises(SourceError, match="'Ulmus' is outside the manifest's classes") as info:
-        source(fresh).list_tiles()
-    assert labels.name in str(info.value)
+    first_label = text.split('"')[1].removesuffix(".tif")
+    fails_alone(fresh, first_label, str(labels), "'Ulmus' is outside the manifest's classes")
     labels.write_text(text)
     years = fresh / "geojson" / "bb_60m.GeoJSON"
     years.write_text(years.read_text().replace('"IMG_ID"', '"ID"'))
@@ -442,7 +455,7 @@ def test_integer_mask_manifest_keeps_the_official_validity_rule(real_mini):
         'dtype = "float32"                # integer percentages', 'dtype = "uint8"  # integer percentages')
     manifest = parse_manifest(text)
     assert manifest.modalities["s2"].cloud_mask.dtype == "uint8"
-    src = TreeSatAITSSource(manifest, real_mini)
+    src = TreeSatAITSSource(manifest, real_mini, SourceOptions(on_error="skip"))
     refs = src.list_tiles()
     assert len(refs) == sum(real_split_counts(real_mini).values()) >= 1
     for ref in refs:

@@ -3,7 +3,10 @@
 A build calls, in order: ``check_layout()`` (is this folder the named dataset?), ``list_tiles()`` (ids, splits,
 folds from the split tables: cheap, no raster opened), ``probe(ref)`` per tile (time steps per modality, from
 date tables or file headers) and ``read(ref)`` per tile (all rasters). ``probe`` and ``read`` raise
-:class:`SourceError` naming the tile and file, so a build with ``--on-error skip`` can drop just that tile.
+:class:`SourceError` naming the tile and file, so a build with ``--on-error skip`` can drop just that tile; a bad
+row of a split or label table is such a per-tile defect too (``defective``), raised by that tile's probe. What is
+wrong with the layout itself (a promised split file missing, ``report_split_tables``) is an error under
+``--on-error fail`` and a ``layout_notes`` entry under skip.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ GDAL_READ_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GTIFF_SRS_SOU
 @dataclass(frozen=True)
 class SourceOptions:
     """Reader options the CLI exposes: ``--split-set`` (FLAIR-HUB), ``--fold`` (PASTIS-HD; None: the official
-    default, MAESTRO's train/val/test CSVs when present)."""
+    default, MAESTRO's train/val/test CSVs when present), ``--on-error`` (the build's: whether a split table the
+    layout promises may be missing, leaving its split empty; per-tile defects are the build's to skip)."""
 
     split_set: int | None = None
     fold: int | None = None
+    on_error: str = "fail"
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
 
 
 class Source(ABC):
@@ -50,6 +59,9 @@ class Source(ABC):
         self.options = options or SourceOptions()
         # which files decided the splits (maestro_data.split_origin), set by list_tiles where the reader has a choice
         self.split_origin: dict[str, Any] | None = None
+        # what list_tiles let pass under on_error="skip" for the build report: one JSON-able dict per finding,
+        # {"kind": "missing_split", "split", "file", "reason"} (see report_split_tables)
+        self.layout_notes: list[dict[str, str]] = []
 
     @abstractmethod
     def check_layout(self) -> None:
@@ -66,6 +78,26 @@ class Source(ABC):
     @abstractmethod
     def read(self, ref: TileRef) -> Tile:
         """Read every modality, mask, date and target of one tile."""
+
+    def report_split_tables(self, problems: list[tuple[str, Path, str]]) -> None:
+        """Split tables the layout promises but that are absent or not files, as (split, path, problem).
+
+        Under ``on_error="fail"`` one SourceError names every such file (a deleted val.csv must not silently empty
+        the val split); under "skip" each split stays empty, with a warning and a ``layout_notes`` entry."""
+        if not problems:
+            return
+        if self.options.on_error == "fail":
+            listed = "; ".join(f"{path}: split file for {split!r} {problem}" for split, path, problem in problems)
+            empty = " and ".join(repr(split) for split, _, _ in problems)
+            them, splits = ("them", "splits") if len(problems) > 1 else ("it", "split")
+            raise SourceError(f"{listed} (the layout gives every split its own file): restore {them}, or pass "
+                              f"--on-error skip to build with the {empty} {splits} empty")
+        for split, path, problem in problems:
+            note = {"kind": "missing_split", "split": split, "file": str(path),
+                    "reason": f"{problem}; the {split!r} split is empty"}
+            if note not in self.layout_notes:  # list_tiles may run more than once
+                self.layout_notes.append(note)
+            warnings.warn(f"{path}: split file for {split!r} {problem}; the {split!r} split is empty", stacklevel=3)
 
 
 def read_csv_column(path: Path, column: str, error: type[MaestroError] = SourceError) -> list[str]:
@@ -96,18 +128,58 @@ def read_csv_column(path: Path, column: str, error: type[MaestroError] = SourceE
     return values
 
 
-def warn_missing_split(path: Path, split: str) -> None:
-    warnings.warn(f"{path}: split file for {split!r} not found; the {split!r} split is empty", stacklevel=3)
+def file_problem(path: Path) -> str | None:
+    """None when ``path`` is a file; else what is wrong, in the words every reader uses."""
+    if path.is_file():
+        return None
+    return "is a directory, expected a file" if path.is_dir() else "not found"
+
+
+def check_file(path: Path, what: str, *, tile_id: str | None = None, missing: str = "not found") -> None:
+    """SourceError unless ``path`` is a file: ``missing`` when absent, "is a directory, expected a file" when a
+    folder stands where the layout puts a file (a user must not hunt for a file that is there)."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise SourceError(f"{what}: {missing if problem == 'not found' else problem}", tile_id=tile_id,
+                          path=str(path))
+
+
+def split_table_problems(tables: dict[str, Path]) -> list[tuple[str, Path, str]]:
+    """(split, path, problem) for every promised split table that is not a readable file."""
+    return [(split, path, problem) for split, path in tables.items() if (problem := file_problem(path))]
+
+
+# A tile whose row in a split or label table is bad is still listed, carrying its defect in these reader-private
+# keys: probe/read raise it as that tile's SourceError, so --on-error skip drops the tile, not the whole build.
+DEFECT_KEY, DEFECT_PATH_KEY = "defect", "defect_path"
+
+
+def defective(tile_id: str, split: str, error: SourceError, fold: int = 0) -> TileRef:
+    return TileRef(tile_id, split, fold, keys={DEFECT_KEY: error.reason, DEFECT_PATH_KEY: error.path or ""})
+
+
+def raise_defect(ref: TileRef) -> None:
+    """Raise the listing defect of ``ref``, if any (every reader's probe and read start here)."""
+    if DEFECT_KEY in ref.keys:
+        raise SourceError(ref.keys[DEFECT_KEY], tile_id=ref.tile_id, path=ref.keys.get(DEFECT_PATH_KEY) or None)
 
 
 def check_unique(refs: list[TileRef], origin: str) -> list[TileRef]:
-    seen: dict[str, str] = {}
+    """``refs`` with each repeated tile id kept once, as a defect: which of its rows is right cannot be known, and
+    a tile in two splits would leak one into the other."""
+    first: dict[str, int] = {}
+    out: list[TileRef] = []
     for ref in refs:
-        if ref.tile_id in seen:
-            raise SourceError(f"duplicate tile id (listed in splits {seen[ref.tile_id]!r} and {ref.split!r})",
-                              tile_id=ref.tile_id, path=origin)
-        seen[ref.tile_id] = ref.split
-    return refs
+        if ref.tile_id not in first:
+            first[ref.tile_id] = len(out)
+            out.append(ref)
+            continue
+        i = first[ref.tile_id]
+        if DEFECT_KEY not in out[i].keys or "duplicate tile id" not in out[i].keys[DEFECT_KEY]:
+            error = SourceError(f"duplicate tile id (listed in splits {out[i].split!r} and {ref.split!r})",
+                                path=origin)
+            out[i] = defective(ref.tile_id, out[i].split, error, out[i].fold)
+    return out
 
 
 def to_stored_dtype(array: np.ndarray, dtype: str, *, tile_id: str, path: str | Path, what: str) -> np.ndarray:

@@ -13,6 +13,9 @@ Choices, and why:
 - Location: centre of the reference modality's GeoTIFF bounds (``manifest.ref_input``, else the first modality),
   transformed to lon/lat with pyproj. ``read`` opens that file anyway, so this costs nothing and uses the raster's
   own georeference rather than a second source that could disagree.
+- Every GeoTIFF of a patch (modalities, cloud masks, label rasters) must lie on the reference modality's footprint
+  (``grids.check_coregistered``): MAESTRO reads them with pixel windows only, so a shifted file would silently
+  pair pixels of different ground.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from pyproj.exceptions import CRSError, ProjError
 from rasterio.errors import RasterioError
 
 from maestro_data.dates import dates_array
@@ -34,15 +38,20 @@ from maestro_data.sources.base import (
     GDAL_READ_OPTIONS,
     Source,
     SourceOptions,
+    check_file,
     check_series,
     check_target_classes,
     check_unique,
+    defective,
+    file_problem,
+    raise_defect,
     read_csv_column,
+    split_table_problems,
     to_stored_dtype,
-    warn_missing_split,
 )
 from maestro_data.sources.gpkg import DateTable
-from maestro_data.tile import Series, Tile, TileRef
+from maestro_data.sources.grids import check_coregistered, grid_bounds, grid_of, is_georeferenced
+from maestro_data.tile import Grid, Series, Tile, TileRef
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +169,10 @@ class FlairHubSource(Source):
         if not self.mtd_dir.is_dir():
             raise SourceError(f"not a FLAIR-HUB folder: expected {MTD_DIR}/ holding {', '.join(needed)} and "
                               f"{SPLIT_GPKG}, beside <DOM>-<YEAR>_<MOD>/ folders", path=str(self.root))
-        missing = [n for n in needed if not (self.mtd_dir / n).is_file()]
+        missing = [f"{n} ({problem})" for n in needed if (problem := file_problem(self.mtd_dir / n))]
         if missing:
-            raise SourceError(f"missing date table(s) {', '.join(missing)}", path=str(self.mtd_dir))
-        if not any(p.is_file() for p in self._split_paths()):
+            raise SourceError(f"date table(s) {', '.join(missing)}", path=str(self.mtd_dir))
+        if not any(p.exists() for p in self._split_paths()):
             raise SourceError(f"missing split table: expected {' or '.join(p.name for p in self._split_paths())}",
                               path=str(self.root))
         folders = [p.name for p in self.root.iterdir() if p.is_dir()]
@@ -184,7 +193,7 @@ class FlairHubSource(Source):
             return self.options.split_set
         return int(self.manifest.splits.options.get("split_set", 1))
 
-    def _split_gpkg_rows(self, column: str) -> list[tuple[str, str | None, str]]:
+    def _split_gpkg_rows(self, column: str) -> list[tuple[str, str | None, str, str | None]]:
         path = self.mtd_dir / SPLIT_GPKG
         available = gpkg.column_names(path, ["patch_id"])
         if column.lower() not in {c.lower() for c in available}:
@@ -194,33 +203,37 @@ class FlairHubSource(Source):
         out = []
         for pid, value in gpkg.read_columns(path, ["patch_id", column]):
             text = "" if value is None else str(value).strip().lower()
-            if text and text not in SPLIT_VALUES:
-                raise SourceError(f"{column} = {value!r}, expected one of train/valid/test or empty",
-                                  tile_id=str(pid), path=str(path))
-            out.append((str(pid), SPLIT_VALUES[text] if text else None, str(path)))
+            bad = f"{column} = {value!r}, expected one of train/valid/test or empty" if text and text not in \
+                SPLIT_VALUES else None
+            out.append((str(pid), SPLIT_VALUES.get(text) if text else None, str(path), bad))
         return out
 
-    def _split_rows(self) -> list[tuple[str, str | None, str]]:
-        """(patch id, manifest split name or None, origin file) for every listed patch."""
+    def _split_rows(self) -> list[tuple[str, str | None, str, str | None]]:
+        """(patch id, manifest split name or None, origin file, what is wrong with the row or None) per patch."""
         return self._split_gpkg_rows(f"split_{self.split_set()}")
 
     def list_tiles(self) -> list[TileRef]:
         self.tables()
-        order = {n: i for i, n in enumerate(self.manifest.splits.names)}
+        names = self.manifest.splits.names
+        order = {n: i for i, n in enumerate(names)}
         refs, skipped = [], 0
         rows = self._split_rows()
-        for pid, split, origin in rows:
-            if split is None:
+        for pid, split, origin, bad in rows:
+            if split is None and bad is None:
                 skipped += 1
                 continue
-            if split not in order:
-                raise SourceError(f"split {split!r} is not among the manifest's {list(order)}", tile_id=pid,
-                                  path=origin)
-            refs.append(TileRef(pid, split, 0, keys=split_patch_id(pid, origin)))
+            if bad is None and split not in order:
+                bad = f"split {split!r} is not among the manifest's {list(order)}"
+            try:
+                if bad is not None:
+                    raise SourceError(bad, tile_id=pid, path=origin)
+                refs.append(TileRef(pid, split, 0, keys=split_patch_id(pid, origin)))
+            except SourceError as exc:  # this patch's row only: its tile fails in probe, the others build
+                refs.append(defective(pid, split if split in order else names[0], exc))
         self.unsplit = skipped
         if skipped:
             log.info("%s: %d patches have no split value and are not part of this split set", self.dataset, skipped)
-        check_unique(refs, ", ".join(sorted({o for _, _, o in rows})) or str(self.root))
+        refs = check_unique(refs, ", ".join(sorted({row[2] for row in rows})) or str(self.root))
         return sorted(refs, key=lambda r: (order[r.split], r.tile_id))
 
     # -- per tile -------------------------------------------------------------------------------------------------
@@ -229,6 +242,7 @@ class FlairHubSource(Source):
         return self.tables()[self._date_keys[name]].dates(ref.tile_id, f"modality {name}")
 
     def probe(self, ref: TileRef) -> TileRef:
+        raise_defect(ref)
         return dataclasses.replace(ref, counts={n: len(self._dates(ref, n)) for n in self.manifest.modalities})
 
     def _path(self, pattern: str, ref: TileRef) -> Path:
@@ -236,10 +250,9 @@ class FlairHubSource(Source):
         return self.root / pattern.format(**keys)
 
     def _read_tif(self, path: Path, ref: TileRef, what: str, count: int, size: int, band: int | None = None,
-                  count_note: str = "") -> tuple[np.ndarray, object]:
-        """All bands (or one) of a GeoTIFF after checking band count and pixel size; returns (array, dataset)."""
-        if not path.is_file():
-            raise SourceError(f"{what}: file not found", tile_id=ref.tile_id, path=str(path))
+                  count_note: str = "") -> tuple[np.ndarray, Grid]:
+        """All bands (or one) of a GeoTIFF after checking band count and pixel size; returns (array, grid)."""
+        check_file(path, what, tile_id=ref.tile_id, missing="file not found")
         try:
             with rasterio.open(path) as src:
                 got = src.count
@@ -251,59 +264,72 @@ class FlairHubSource(Source):
                     raise SourceError(f"{what}: {src.height}x{src.width} px, expected {size}x{size}",
                                       tile_id=ref.tile_id, path=str(path))
                 data = src.read(band) if band is not None else read_all_bands(src, what, ref.tile_id, path)
-                return data, (src.bounds, src.crs, src.transform)
-        except (RasterioError, OSError) as exc:
+                return data, grid_of(src)
+        except (RasterioError, OSError, CRSError) as exc:
             detail = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)  # rasterio puts GDAL's reason there
             raise SourceError(f"{what}: unreadable GeoTIFF ({detail})", tile_id=ref.tile_id, path=str(path)) from None
 
     def _series(self, ref: TileRef, pattern: str, dates: list[str], channels: int, dtype: str, size: int,
-                what: str) -> tuple[np.ndarray, object]:
+                what: str) -> tuple[np.ndarray, Grid, Path]:
         path = self._path(pattern, ref)
         t = len(dates)
         note = f" = T x C with T = {t} dates and C = {channels} bands per date"
-        raw, geo = self._read_tif(path, ref, what, t * channels, size, count_note=note)
+        raw, grid = self._read_tif(path, ref, what, t * channels, size, count_note=note)
         # band index = t * C + c (time-major), as FLAIR-HUB writes the time series
         data = raw.reshape(t, channels, size, size)
-        return to_stored_dtype(data, dtype, tile_id=ref.tile_id, path=path, what=what), geo
+        return to_stored_dtype(data, dtype, tile_id=ref.tile_id, path=path, what=what), grid, path
 
     def read(self, ref: TileRef) -> Tile:
+        raise_defect(ref)
         mods = self.manifest.modalities
         dates = {n: self._dates(ref, n) for n in mods}
         series: dict[str, Series] = {}
         targets: dict[str, np.ndarray] = {}
-        geo = None
+        grids: dict[str, Grid] = {}
+        files: dict[str, tuple[Path, Grid]] = {}  # every GeoTIFF read, for the co-registration check
         with rasterio.Env(**GDAL_READ_OPTIONS):
             for name, spec in mods.items():
-                data, g = self._series(ref, spec.source, dates[name], spec.stored_channels, spec.dtype,
-                                       spec.tile_size, f"modality {name}")
-                geo = g if name == self._loc_modality else geo
+                what = f"modality {name}"
+                data, grids[name], path = self._series(ref, spec.source, dates[name], spec.stored_channels,
+                                                       spec.dtype, spec.tile_size, what)
+                files[what] = (path, grids[name])
                 mask = None
                 if spec.cloud_mask is not None:
-                    cm = spec.cloud_mask
-                    mask, _ = self._series(ref, cm.source, dates[name], len(cm.bands), cm.dtype, spec.tile_size,
-                                           f"modality {name} cloud mask")
+                    cm, what = spec.cloud_mask, f"modality {name} cloud mask"
+                    mask, grid, mask_path = self._series(ref, cm.source, dates[name], len(cm.bands), cm.dtype,
+                                                         spec.tile_size, what)
+                    files[what] = (mask_path, grid)
                 s = Series(data=data, dates=dates_array(dates[name]), mask=mask)
-                series[name] = check_series(spec, s, tile_id=ref.tile_id, path=self._path(spec.source, ref))
+                series[name] = check_series(spec, s, tile_id=ref.tile_id, path=path)
             for name, t in self.manifest.targets.items():
                 path = self._path(t.source, ref)
-                values, _ = self._read_tif(path, ref, f"target {name}", 1, t.tile_size, band=1)
+                values, grids[name] = self._read_tif(path, ref, f"target {name}", 1, t.tile_size, band=1)
+                files[f"target {name}"] = (path, grids[name])
                 check_target_classes(values, len(t.classes), tile_id=ref.tile_id, path=path, name=name)
                 targets[name] = to_stored_dtype(values, t.dtype, tile_id=ref.tile_id, path=path, what=f"target {name}")
-        lon, lat = self._lonlat(ref, geo)
+        ref_what = f"modality {self._loc_modality}"
+        ref_path, ref_grid = files[ref_what]
+        for what, (path, grid) in files.items():
+            check_coregistered(ref_grid, ref_path, ref_what, grid, path, what, ref.tile_id)
+        lon, lat = self._lonlat(ref, ref_grid)
         if self.manifest.reference_date in series:
             ref_date = series[self.manifest.reference_date].dates[0].copy()
         else:
             ref_date = np.asarray(self.manifest.reference_date_tuple(), dtype=np.int16)
-        return Tile(ref.tile_id, ref.split, ref.fold, lon, lat, ref_date, series, targets)
+        return Tile(ref.tile_id, ref.split, ref.fold, lon, lat, ref_date, series, targets, grids)
 
-    def _lonlat(self, ref: TileRef, geo: object) -> tuple[float, float]:
-        bounds, crs, transform = geo
+    def _lonlat(self, ref: TileRef, grid: Grid) -> tuple[float, float]:
         path = self._path(self.manifest.modalities[self._loc_modality].source, ref)
-        if crs is None or transform.is_identity:
-            raise SourceError(f"modality {self._loc_modality}: GeoTIFF is not georeferenced (CRS {crs}, transform "
-                              f"identity: {transform.is_identity}), cannot locate the tile", tile_id=ref.tile_id,
+        if not is_georeferenced(grid):
+            raise SourceError(f"modality {self._loc_modality}: GeoTIFF is not georeferenced (CRS {grid.crs}, "
+                              f"transform {grid.transform}), cannot locate the tile", tile_id=ref.tile_id,
                               path=str(path))
-        lon, lat = bounds_centre_lonlat(bounds, crs.to_wkt())
+        bounds = grid_bounds(grid)
+        try:
+            lon, lat = bounds_centre_lonlat(bounds, grid.crs)
+        except ProjError as exc:
+            raise SourceError(f"modality {self._loc_modality}: CRS {grid.crs} does not map to lon/lat ({exc})",
+                              tile_id=ref.tile_id, path=str(path)) from None
         if not (np.isfinite(lon) and np.isfinite(lat)):
             raise SourceError(f"modality {self._loc_modality}: bounds {tuple(bounds)} do not map to lon/lat",
                               tile_id=ref.tile_id, path=str(path))
@@ -314,7 +340,8 @@ class Flair2Source(FlairHubSource):
     """FLAIR#2 as MAESTRO uses it: the FLAIR-HUB files restricted to the FLAIR#2 patch list.
 
     The list comes from MAESTRO's ``{train,val,test}_flair2.csv`` (column ``patch_id``, ``,`` or ``;``
-    separated) in the root when any of them is present (a missing one leaves its split empty, with a warning);
+    separated) in the root when any of them is present (all three then: a missing one is an error, or under
+    ``on_error="skip"`` an empty split recorded in ``layout_notes``);
     otherwise from column ``split_flairchallenge`` of ``GLOBAL_ALL_MTD_SPLIT.gpkg``, whose NULL rows are the
     FLAIR-HUB patches outside FLAIR#2. The CSVs win because they are exactly what MAESTRO trained on.
     """
@@ -328,14 +355,14 @@ class Flair2Source(FlairHubSource):
     def _split_paths(self) -> list[Path]:
         return [*self.csv_paths().values(), self.mtd_dir / SPLIT_GPKG]
 
-    def _split_rows(self) -> list[tuple[str, str | None, str]]:
+    def _split_rows(self) -> list[tuple[str, str | None, str, str | None]]:
         paths = self.csv_paths()
-        if not any(p.is_file() for p in paths.values()):
+        if not any(p.exists() for p in paths.values()):
             return self._split_gpkg_rows(self.CHALLENGE_COLUMN)
+        problems = split_table_problems(paths)
+        self.report_split_tables(problems)
         rows = []
         for split, path in paths.items():
-            if not path.is_file():
-                warn_missing_split(path, split)
-                continue
-            rows += [(pid, split, str(path)) for pid in read_csv_column(path, "patch_id")]
+            if split not in {s for s, _, _ in problems}:
+                rows += [(pid, split, str(path), None) for pid in read_csv_column(path, "patch_id")]
         return rows

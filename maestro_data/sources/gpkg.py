@@ -18,6 +18,7 @@ from pathlib import Path
 
 from maestro_data.dates import dates_array
 from maestro_data.errors import SourceError
+from maestro_data.sources.base import check_file
 
 APPLICATION_ID = 0x47504B47  # "GPKG"
 USER_VERSION = 10400  # GeoPackage 1.4
@@ -27,8 +28,7 @@ _DUPLICATE = object()  # marks a patch id listed more than once in a date table
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """Open ``path`` read-only (sqlite would silently create a missing file in the default mode)."""
-    if not path.is_file():
-        raise SourceError("GeoPackage not found", path=str(path))
+    check_file(path, "GeoPackage", missing="not found")
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()

@@ -5,6 +5,9 @@ series dated by the Feature's ``dates-<X>`` property, where ``DATA_<X>`` is the 
 source pattern (so modalities can be renamed in a manifest copy); a ``.tif`` modality (SPOT) is one image dated at
 the manifest's reference date unless a ``dates-<X>`` property exists. The segmentation target is channel 0 of
 ``TARGET_<ID>.npy``.
+
+Georeference: the .npy arrays carry none, so their grids are the Feature's polygon cut into the array's pixels; a
+.tif (SPOT) carries its own and must cover that polygon (``grids.footprint_misregistration``), else the tile fails.
 """
 
 from __future__ import annotations
@@ -17,22 +20,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from pyproj.exceptions import CRSError
+from pyproj.exceptions import CRSError, ProjError
 
 from maestro_data.dates import dates_array
 from maestro_data.errors import ManifestError, SourceError
-from maestro_data.geo import polygon_centroid, to_lonlat
+from maestro_data.geo import geojson_crs, polygon_centroid, polygon_points, to_lonlat
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.sources.base import (
     Source,
     SourceOptions,
+    check_file,
     check_series,
     check_target_classes,
     check_unique,
+    defective,
+    file_problem,
+    raise_defect,
+    split_table_problems,
     to_stored_dtype,
-    warn_missing_split,
 )
+from maestro_data.sources.grids import (
+    bounds_grid,
+    footprint_bounds,
+    footprint_misregistration,
+    normalise_crs,
+    pixel_size,
+)
+from maestro_data.sources.pastis_files import check_target_shape, load_npy, npy_shape, read_tif
 from maestro_data.sources.pastis_splits import (
     DEFAULT_FOLD,
     as_int,
@@ -42,7 +56,7 @@ from maestro_data.sources.pastis_splits import (
     split_csv_names,
 )
 from maestro_data.split_origin import csv_origin, folds_origin
-from maestro_data.tile import Series, Tile, TileRef
+from maestro_data.tile import Grid, Series, Tile, TileRef
 
 METADATA = "metadata.geojson"
 _FOLDER = re.compile(r"DATA_([A-Za-z0-9]+)")
@@ -86,17 +100,6 @@ def parse_dates_property(value: Any) -> np.ndarray:
     return dates_array(texts)  # ValueError names an impossible calendar date
 
 
-def _crs_member(crs: Any, origin: str) -> str | None:
-    """The pre-RFC-7946 GeoJSON ``crs`` member as a pyproj input (None when absent)."""
-    if crs is None:
-        return None
-    props = crs.get("properties") if isinstance(crs, dict) else None
-    if isinstance(props, dict) and isinstance(props.get("name"), str):
-        return props["name"]
-    raise SourceError(f"unrecognised 'crs' member {crs!r}: expected {{'type': 'name', 'properties': "
-                      "{'name': 'urn:ogc:def:crs:EPSG::2154'}}", path=origin)
-
-
 @dataclass(frozen=True)
 class _Input:
     """A manifest modality or target resolved against the PASTIS-HD layout."""
@@ -114,6 +117,7 @@ class _Patch:
     fold: int
     properties: dict
     geometry: Any
+    defect: str | None = None  # a bad Fold or a repeated ID_PATCH: this tile fails, the others build
 
 
 # ---------------------------------------------------------------- reader
@@ -154,8 +158,10 @@ class PastisHDSource(Source):
     def check_layout(self) -> None:
         if not self.root.is_dir():
             raise SourceError("not a directory (expected the PASTIS-HD root)", path=str(self.root))
-        if not (self.root / METADATA).is_file():
-            raise SourceError(f"not a PASTIS-HD folder: {METADATA} is missing", path=str(self.root))
+        problem = file_problem(self.root / METADATA)
+        if problem is not None:
+            problem = "is missing" if problem == "not found" else problem
+            raise SourceError(f"not a PASTIS-HD folder: {METADATA} {problem}", path=str(self.root))
         for item in self._items.values():
             folder = self.root / item.pattern.split("{id}", 1)[0].rsplit("/", 1)[0]
             if not folder.is_dir():
@@ -167,6 +173,7 @@ class PastisHDSource(Source):
         if self._patches is not None:
             return self._patches
         path = self.root / METADATA
+        check_file(path, "not a PASTIS-HD folder", missing=f"{METADATA} is missing")
         try:
             raw = json.loads(path.read_bytes())
         except FileNotFoundError:
@@ -176,7 +183,10 @@ class PastisHDSource(Source):
         features = raw.get("features") if isinstance(raw, dict) else None
         if not isinstance(features, list):
             raise SourceError("expected a GeoJSON FeatureCollection with a 'features' list", path=str(path))
-        crs = _crs_member(raw.get("crs"), str(path)) or self.manifest.location_crs
+        try:
+            crs = geojson_crs(raw.get("crs")) or self.manifest.location_crs
+        except ValueError as exc:
+            raise SourceError(str(exc), path=str(path)) from None
         patches: dict[str, _Patch] = {}
         for i, feat in enumerate(features):
             props = feat.get("properties") if isinstance(feat, dict) else None
@@ -187,19 +197,24 @@ class PastisHDSource(Source):
                 raise SourceError(f"feature {i}: ID_PATCH {raw_id!r} is not an integer", path=str(path))
             tile_id = str(as_int(raw_id))
             if tile_id in patches:
-                raise SourceError(f"duplicate ID_PATCH (features {patches[tile_id].feature} and {i})",
-                                  tile_id=tile_id, path=str(path))
+                defect = f"duplicate ID_PATCH (features {patches[tile_id].feature} and {i})"
+                patches[tile_id] = replace(patches[tile_id], defect=defect)
+                continue
             fold = as_int(props.get("Fold"))
-            if fold is None:
-                raise SourceError(f"Fold {props.get('Fold')!r} is not an integer", tile_id=tile_id, path=str(path))
-            patches[tile_id] = _Patch(tile_id, i, fold, props, feat.get("geometry"))
+            defect = None if fold is not None else f"Fold {props.get('Fold')!r} is not an integer"
+            patches[tile_id] = _Patch(tile_id, i, fold or 0, props, feat.get("geometry"), defect)
         self._patches, self._crs = patches, crs
         return patches
 
     def _patch(self, tile_id: str) -> _Patch:
-        if tile_id not in self._index():
-            raise SourceError("no feature with this ID_PATCH", tile_id=tile_id, path=str(self.root / METADATA))
-        return self._index()[tile_id]
+        patch = self._index().get(tile_id)
+        if patch is None or patch.defect is not None:
+            reason = "no feature with this ID_PATCH" if patch is None else patch.defect
+            raise SourceError(reason, tile_id=tile_id, path=str(self.root / METADATA))
+        return patch
+
+    def _defect(self, tile_id: str, split: str, reason: str, path: str, fold: int = 0) -> TileRef:
+        return defective(tile_id, split, SourceError(reason, tile_id=tile_id, path=path), fold)
 
     def list_tiles(self) -> list[TileRef]:
         """Every patch with its split, from MAESTRO's split CSVs or the fold rule (``pastis_splits``); the choice
@@ -208,37 +223,46 @@ class PastisHDSource(Source):
         names = self.manifest.splits.names
         fold = self.options.fold
         files = {s: self.root / n for s, n in split_csv_names(names, fold).items()}
-        if any(p.is_file() for p in files.values()):
+        if any(p.exists() for p in files.values()):
             return self._from_csvs(patches, files)
         meta = str(self.root / METADATA)
         try:
             split_of = fold_assignment(self.manifest.splits.options, fold or DEFAULT_FOLD, names)
         except ValueError as exc:
             raise SourceError(f"manifest splits.options / --fold {fold}: {exc}") from None
-        for tile_id, patch in patches.items():
-            if patch.fold not in split_of:
-                raise SourceError(f"Fold {patch.fold} is not one of the folds {sorted(split_of)}",
-                                  tile_id=tile_id, path=meta)
         refs: list[TileRef] = []
         for split in names:
-            refs += [TileRef(t, split, p.fold) for t, p in patches.items() if split_of[p.fold] == split]
+            refs += [TileRef(t, split, p.fold) for t, p in patches.items()
+                     if p.defect is None and split_of.get(p.fold) == split]
+        for tile_id, patch in patches.items():  # listed, so that probe fails them one by one
+            if patch.defect is not None:
+                refs.append(self._defect(tile_id, names[0], patch.defect, meta))
+            elif patch.fold not in split_of:
+                refs.append(self._defect(tile_id, names[0], f"Fold {patch.fold} is not one of the folds "
+                                         f"{sorted(split_of)}", meta, patch.fold))
         self.split_origin = folds_origin(METADATA, assignment_table(split_of, names), fold)
         return check_unique(refs, meta)
 
     def _from_csvs(self, patches: dict[str, _Patch], files: dict[str, Path]) -> list[TileRef]:
         refs: list[TileRef] = []
+        problems = split_table_problems(files)
+        self.report_split_tables(problems)
+        bad = {s for s, _, _ in problems}
         for split, path in files.items():
-            if not path.is_file():
-                warn_missing_split(path, split)
+            if split in bad:
                 continue
             for tile_id in read_image_column(path):
-                if tile_id not in patches:
-                    raise SourceError(f"listed in the split file but has no feature in {METADATA}",
-                                      tile_id=tile_id, path=str(path))
-                refs.append(TileRef(tile_id, split, patches[tile_id].fold))
-        self.split_origin = csv_origin([p.name for p in files.values() if p.is_file()],
-                                       [p.name for p in files.values() if not p.is_file()], self.options.fold)
-        return check_unique(refs, ", ".join(str(p) for p in files.values() if p.is_file()))
+                patch = patches.get(tile_id)
+                if patch is None:
+                    refs.append(self._defect(tile_id, split, f"listed in the split file but has no feature in "
+                                             f"{METADATA}", str(path)))
+                elif patch.defect is not None:
+                    refs.append(self._defect(tile_id, split, patch.defect, str(self.root / METADATA), patch.fold))
+                else:
+                    refs.append(TileRef(tile_id, split, patch.fold))
+        self.split_origin = csv_origin([p.name for s, p in files.items() if s not in bad],
+                                       [p.name for s, p in files.items() if s in bad], self.options.fold)
+        return check_unique(refs, ", ".join(str(p) for s, p in files.items() if s not in bad))
 
     def _dates(self, item: _Input, spec: ModalitySpec, patch: _Patch, steps: int, path: Path) -> np.ndarray:
         """(T, 3) dates of a modality's ``steps`` stored time steps; SourceError when the table disagrees."""
@@ -264,30 +288,35 @@ class PastisHDSource(Source):
         return dates
 
     def probe(self, ref: TileRef) -> TileRef:
+        raise_defect(ref)
         patch, items, counts = self._patch(ref.tile_id), self._items, {}
         for name, spec in self.manifest.modalities.items():
             item, path = items[name], self._file(items[name], ref.tile_id)
             if item.kind == "npy":
-                shape = _npy_shape(path, ref.tile_id)
+                shape = npy_shape(path, ref.tile_id)
                 expected = (spec.stored_channels, spec.tile_size, spec.tile_size)
                 if len(shape) != 4 or shape[1:] != expected:
                     raise SourceError(f"{name}: array of shape {shape}, expected (T, {', '.join(map(str, expected))})",
                                       tile_id=ref.tile_id, path=str(path))
                 steps = shape[0]
             else:
-                steps = _read_tif(path, ref.tile_id, spec, header_only=True)
+                steps = read_tif(path, ref.tile_id, spec, header_only=True)[0]
             counts[name] = len(self._dates(item, spec, patch, steps, path))
         for name, spec in self.manifest.targets.items():
             path = self._file(items[name], ref.tile_id)
-            _check_target_shape(spec, _npy_shape(path, ref.tile_id), ref.tile_id, path)
+            check_target_shape(spec, npy_shape(path, ref.tile_id), ref.tile_id, path)
         return replace(ref, counts=counts)
 
     def read(self, ref: TileRef) -> Tile:
+        raise_defect(ref)
         tid = ref.tile_id
-        patch, items, series = self._patch(tid), self._items, {}
+        patch, items, series, tifs = self._patch(tid), self._items, {}, {}
         for name, spec in self.manifest.modalities.items():
             item, path = items[name], self._file(items[name], tid)
-            data = _load_npy(path, tid) if item.kind == "npy" else _read_tif(path, tid, spec)
+            if item.kind == "npy":
+                data = load_npy(path, tid)
+            else:
+                data, tifs[name] = read_tif(path, tid, spec)
             # a wrong rank is reported by check_series, with the expected shape
             dates = self._dates(item, spec, patch, data.shape[0], path) if data.ndim == 4 else np.zeros((0, 3))
             check_series(spec, Series(data, dates), tile_id=tid, path=path)
@@ -295,8 +324,8 @@ class PastisHDSource(Source):
         targets = {}
         for name, spec in self.manifest.targets.items():
             path = self._file(items[name], tid)
-            data = _load_npy(path, tid)
-            _check_target_shape(spec, data.shape, tid, path)
+            data = load_npy(path, tid)
+            check_target_shape(spec, data.shape, tid, path)
             labels = to_stored_dtype(data[0] if data.ndim == 3 else data, spec.dtype, tile_id=tid, path=path,
                                      what=name)
             check_target_classes(labels, len(spec.classes), tile_id=tid, path=path, name=name)
@@ -306,8 +335,33 @@ class PastisHDSource(Source):
         else:
             ref_date = np.asarray(self.manifest.reference_date_tuple(), dtype=np.int16)
         lon, lat = self._location(patch, tid)
+        sizes = {n: s.data.shape[-2:] for n, s in series.items()} | {n: t.shape for n, t in targets.items()}
         return Tile(tile_id=tid, split=ref.split, fold=ref.fold, lon=lon, lat=lat, ref_date=ref_date,
-                    series=series, targets=targets)
+                    series=series, targets=targets, grids=self._grids(patch, sizes, tifs))
+
+    def _grids(self, patch: _Patch, sizes: dict[str, tuple[int, int]], tifs: dict[str, Grid]) -> dict[str, Grid]:
+        """Every grid of the tile: the Feature's polygon cut into each .npy array's (H, W) pixels, and each .tif's
+        own grid, which must cover that polygon to half a pixel of the coarser of it and the .npy grids."""
+        meta, tid = str(self.root / METADATA), patch.tile_id
+        try:
+            points, crs = polygon_points(patch.geometry), normalise_crs(self._crs)
+            grids = {n: tifs.get(n) or bounds_grid(footprint_bounds(points, crs, crs), crs, int(w), int(h))
+                     for n, (h, w) in sizes.items()}
+            for name, grid in tifs.items():
+                footprint = footprint_bounds(points, crs, grid.crs) if grid.crs else (np.nan,) * 4
+                # the .npy grids' pixel measured in this .tif's CRS (metadata and SPOT CRS may differ)
+                coarse = max([(footprint[2] - footprint[0]) / w for n, (_, w) in sizes.items() if n not in tifs],
+                             default=0.0)
+                reason = footprint_misregistration(grid, footprint, 0.5 * max(pixel_size(grid), coarse))
+                if reason is not None:
+                    raise SourceError(f"{name} is not co-registered with the polygon of feature {patch.feature} in "
+                                      f"{meta}: {reason}", tile_id=tid, path=str(self._file(self._items[name], tid)))
+        except ValueError as exc:
+            raise SourceError(f"geometry of feature {patch.feature}: {exc}", tile_id=tid, path=meta) from None
+        except ProjError as exc:
+            raise SourceError(f"CRS {self._crs!r} is not understood or cannot be reprojected: {exc}", tile_id=tid,
+                              path=meta) from None
+        return grids
 
     def _location(self, patch: _Patch, tile_id: str) -> tuple[float, float]:
         meta = str(self.root / METADATA)
@@ -323,62 +377,3 @@ class PastisHDSource(Source):
             raise SourceError(f"centroid ({x}, {y}) cannot be projected from {self._crs} to lon/lat",
                               tile_id=tile_id, path=meta)
         return float(lon), float(lat)
-
-
-# ---------------------------------------------------------------- file access (I/O edge)
-
-
-def _check_target_shape(spec: TargetSpec, shape: tuple[int, ...], tile_id: str, path: Path) -> None:
-    size = (spec.tile_size, spec.tile_size)
-    if len(shape) not in (2, 3) or tuple(shape[-2:]) != size or 0 in shape:
-        raise SourceError(f"{spec.name}: array of shape {tuple(shape)}, expected (C, {size[0]}, {size[1]}) with "
-                          "the semantic classes in channel 0", tile_id=tile_id, path=str(path))
-
-
-def _npy_shape(path: Path, tile_id: str) -> tuple[int, ...]:
-    """Shape from the npy header alone, checking the file is long enough to hold the array."""
-    try:
-        with path.open("rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"unsupported npy format version {version}")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(fh)
-            needed, size = fh.tell() + math.prod(shape) * dtype.itemsize, path.stat().st_size
-    except FileNotFoundError:
-        raise SourceError("missing file", tile_id=tile_id, path=str(path)) from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise SourceError(f"corrupt npy header: {exc}", tile_id=tile_id, path=str(path)) from None
-    if dtype.kind not in "biuf":
-        raise SourceError(f"npy of dtype {dtype}, expected a numeric array", tile_id=tile_id, path=str(path))
-    if size < needed:
-        raise SourceError(f"truncated npy: {size} bytes, {needed} needed for {shape} {dtype}", tile_id=tile_id,
-                          path=str(path))
-    return tuple(int(n) for n in shape)
-
-
-def _load_npy(path: Path, tile_id: str) -> np.ndarray:
-    _npy_shape(path, tile_id)  # clear messages for missing, corrupt and truncated files
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise SourceError(f"corrupt npy: {exc}", tile_id=tile_id, path=str(path)) from None
-
-
-def _read_tif(path: Path, tile_id: str, spec: ModalitySpec, header_only: bool = False) -> np.ndarray | int:
-    """(T*C, H, W) GeoTIFF -> (T, C, H, W), band index = t*C + c as the official reader; or T alone."""
-    if not path.is_file():
-        raise SourceError("missing file", tile_id=tile_id, path=str(path))
-    try:
-        with rasterio.open(path) as src:
-            count, shape = src.count, (src.height, src.width)
-            data = None if header_only else src.read()
-    except (rasterio.errors.RasterioError, OSError) as exc:
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise SourceError(f"corrupt or truncated GeoTIFF: {exc}{cause}", tile_id=tile_id, path=str(path)) from None
-    c, s = spec.stored_channels, spec.tile_size
-    if count % c or shape != (s, s):
-        raise SourceError(f"{spec.name}: {count} bands of {shape[0]}x{shape[1]} px, expected a multiple of {c} "
-                          f"bands of {s}x{s} px", tile_id=tile_id, path=str(path))
-    return count // c if data is None else data.reshape(count // c, c, s, s)

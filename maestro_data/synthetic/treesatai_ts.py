@@ -191,12 +191,14 @@ def _write_tables(root: Path, rows: list[dict], layout: str) -> None:
 
 
 def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "treesatai-ts",
-             layout: str = "both") -> Path:
+             layout: str = "both", release_aerial: bool = False, ts_name_year: bool = True) -> Path:
     """Write ``tiles`` synthetic tiles under ``<out>/treesatai-ts`` and return that root.
 
     ``layout``: "csv" (MAESTRO split CSVs), "release" (``split/*_filenames.lst`` + labels JSON + GeoJSON
-    years) or "both". Tile 0 has duplicated descending S1 passes and S1 NaNs; tile 1 (when present) a
-    10-channel S2 mask; the same seed writes the same values.
+    years and footprints) or "both". ``release_aerial``: aerial tiles in ``aerial/60m/`` as the Zenodo release
+    ships them (not MAESTRO's flat ``aerial/``); ``ts_name_year=False`` names the HDF5 ``<IMG_ID>.h5`` as a public
+    copy does (the CSVs still name ``<IMG_ID>_<YYYY>.h5``). Tile 0 has duplicated descending S1 passes and S1 NaNs;
+    tile 1 (when present) a 10-channel S2 mask; the same seed writes the same values whatever the options.
     """
     if dataset != "treesatai-ts":
         raise ValueError(f"this generator writes TreeSatAI-TS, not {dataset!r}")
@@ -206,8 +208,9 @@ def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "tre
         raise ValueError(f"tiles must be >= 1, got {tiles}")
     rng = np.random.default_rng(seed)
     root = Path(out) / "treesatai-ts"
-    for sub in ("aerial", "sentinel-ts"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    aerial_dir = root / "aerial" / ("60m" if release_aerial else "")
+    for folder in (aerial_dir, root / "sentinel-ts"):
+        folder.mkdir(parents=True, exist_ok=True)
     numbers = rng.choice(np.arange(1000, 100_000), size=tiles, replace=False)
     splits = _splits(rng, tiles)
     rows = []
@@ -218,7 +221,7 @@ def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "tre
         ts_year = max(year, FIRST_TS_YEAR)
         east, north = (c + rng.uniform(-40_000, 40_000) for c in CENTRE_25832)
         origin = (round(east / AERIAL_RES) * AERIAL_RES, round(north / AERIAL_RES) * AERIAL_RES)
-        _write_aerial(root / "aerial" / f"{tile_id}.tif", rng, *origin)
+        _write_aerial(aerial_dir / f"{tile_id}.tif", rng, *origin)
         arrays = _s2(rng, ts_year, ten_mask_channels=i == 1)
         arrays["sen-1-asc-data"], arrays["sen-1-asc-products"] = _s1(
             rng, ts_year, 17, int(rng.integers(40, 80)), 0.0, nans=False)
@@ -226,7 +229,7 @@ def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "tre
         arrays["sen-1-des-data"], arrays["sen-1-des-products"] = _s1(
             rng, ts_year, 5, int(rng.integers(30, 60)), dup_rate, nans=i % 3 == 0)
         sen_name = f"{tile_id}_{ts_year}.h5"
-        _write_h5(root / "sentinel-ts" / sen_name, arrays)
+        _write_h5(root / "sentinel-ts" / (sen_name if ts_name_year else f"{tile_id}.h5"), arrays)
         rows.append({"tile_id": tile_id, "aerial_name": f"{tile_id}.tif", "sen_name": sen_name, "year": year,
                      "split": splits[i], "fractions": _fractions(rng, genus), "origin": origin})
     _write_tables(root, rows, layout)
