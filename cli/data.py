@@ -85,6 +85,8 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         click.echo(f"NaN values kept (real data): {nans}")
     for s in report["skipped"][:10]:
         click.echo(f"skipped {s['tile_id']}: {s['reason']}", err=True)
+    for note in report["layout_notes"]:
+        click.echo(f"layout: {note.get('file', '')}: {note.get('reason', note)}", err=True)
     counts = compute_subsets(out, percents, splits_from)
     click.echo("subsets: " + "; ".join(f"{k}: " + ", ".join(f"{p}%={n}" for p, n in v.items())
                                        for k, v in counts.items()))

@@ -220,11 +220,13 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
             pool.shutdown(cancel_futures=True)
         _W.clear()  # the serial path ran the worker code in this process: drop its open store and source
     return _commit(store, out, src, manifest, plan, skipped, time.perf_counter() - t0,
-                   count_source=options.limit is None, split_origin=source.split_origin)
+                   count_source=options.limit is None, split_origin=source.split_origin,
+                   layout_notes=source.layout_notes)
 
 
 def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePlan, skipped: list[dict],
-            seconds: float, count_source: bool, split_origin: dict | None) -> dict:
+            seconds: float, count_source: bool, split_origin: dict | None,
+            layout_notes: list[dict] | None = None) -> dict:
     markers = [json.loads(p.read_text()) for p in sorted((out / BUILD_DIR / "blocks").glob("*.json"))]
     if len(markers) != plan.num_blocks:
         raise StoreError(f"{store}: {len(markers)} of {plan.num_blocks} blocks converted; rerun with --resume")
@@ -239,6 +241,8 @@ def _commit(store: Path, out: Path, src: Path, manifest: Manifest, plan: StorePl
         "skipped": skipped, "nan_values": nan_values, "bytes_in": src_bytes, "bytes_out": store_bytes,
         "seconds": round(seconds, 3), "blocks": plan.num_blocks,
         "splits": split_origin, "splits_from": describe_split_origin(split_origin),
+        # what the layout promised but lacked (e.g. a split file skipped under --on-error skip)
+        "layout_notes": list(layout_notes or []),
     }
     root = zarr.open_group(str(store), mode="r+")
     root.attrs["complete"] = True

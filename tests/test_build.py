@@ -133,6 +133,11 @@ def test_cli_refuses_the_real_sample_s_missing_splits_unless_skipped(tmp_path, r
     assert result.exit_code == 0, result.output
     assert "built 1 tiles of treesatai-ts" in result.output
     assert f"warning: {real_sample / 'val.csv'}: split file for 'val' not found" in result.output
+    assert f"layout: {real_sample / 'test.csv'}: " in result.output
+    notes = json.loads((tmp_path / "out" / "report.json").read_text())["layout_notes"]
+    assert [(n["kind"], n["split"], n["file"]) for n in notes] == [
+        ("missing_split", "val", str(real_sample / "val.csv")),
+        ("missing_split", "test", str(real_sample / "test.csv"))]
     assert verify(tmp_path / "out" / "shards", full=True) == []
     info = CliRunner().invoke(main, ["info", str(tmp_path / "out" / "store.zarr"), "--json"])
     summary = json.loads(info.output)
