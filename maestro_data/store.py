@@ -328,12 +328,15 @@ class TileStore:
         mask = g["mask"][a:b] if "mask" in g else None
         return Series(data=g["data"][a:b], dates=g["dates"][a:b], mask=mask)
 
+    def read_target(self, i: int, name: str) -> np.ndarray:
+        return self.root["targets"][name][i]
+
     def read_tile(self, key: int | str) -> Tile:
         i = self.index(key) if isinstance(key, str) else int(key)
         if not self.valid[i]:
             raise StoreError(f"{self.path}: tile {self.tile_ids[i]!r} was skipped during the build")
         series = {m: self.read_series(i, m) for m in self.manifest.modalities}
-        targets = {name: self.root["targets"][name][i] for name in self.manifest.targets}
+        targets = {name: self.read_target(i, name) for name in self.manifest.targets}
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
                     series=series, targets=targets)
