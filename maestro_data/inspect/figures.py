@@ -15,7 +15,8 @@ from maestro_data.inspect.show import Panel, TileView
 COLUMNS = 12  # layout cells per row
 CELL_IN = 1.15  # inches per cell
 TITLE_CELLS = 0.35  # height of a section title row, in cells
-GAP_CELLS = 0.7
+GAP_CELLS = 0.7  # below sections with rotated tick labels
+HEADER_IN = 0.8  # figure title
 HIGHLIGHT = "#ff9f00"
 
 
@@ -75,10 +76,11 @@ def _shelves(view: TileView) -> tuple[list[float], list[tuple[int, int, int, int
 def draw_view(view: TileView) -> Any:
     """The figure of a ``show`` view."""
     heights, placed = _shelves(view)
-    fig = new_figure(COLUMNS * CELL_IN, sum(heights) * CELL_IN + 0.6)
+    height = sum(heights) * CELL_IN + HEADER_IN
+    fig = new_figure(COLUMNS * CELL_IN, height)
     grid = fig.add_gridspec(len(heights), COLUMNS, height_ratios=heights, left=0.02, right=0.98, bottom=0.01,
-                            top=1 - 0.6 / (sum(heights) * CELL_IN + 0.6), hspace=0.55, wspace=0.25)
-    fig.suptitle(view.title, fontsize=11, x=0.02, ha="left")
+                            top=1 - HEADER_IN / height, hspace=0.55, wspace=0.25)
+    fig.suptitle(view.title, fontsize=11, x=0.02, y=1 - 0.25 / height, ha="left", va="top")
     for row, col, h, w, item in placed:
         ax = fig.add_subplot(grid[row:row + h, col:col + w])
         if isinstance(item, str):
@@ -119,20 +121,13 @@ def _mosaic(fig: Any, ax: Any, panels: list[Panel], rows: int) -> None:
 
 
 def _draw_panel(ax: Any, panel: Panel) -> None:
-    small = 6.5 if panel.size == (1, 1) else 8
-    ax.set_title(panel.title, fontsize=small, color=HIGHLIGHT if panel.highlight else "black",
-                 fontweight="bold" if panel.highlight else "normal")
+    """One big panel (thumbnails go through ``_mosaic``)."""
+    ax.set_title(panel.title, fontsize=8)
     if panel.kind in ("rgb", "gray", "classes"):
         ax.imshow(panel.data, cmap="gray" if panel.kind == "gray" else None, vmin=0, vmax=1,
                   interpolation="nearest")
-        if panel.overlay is not None and panel.overlay.any():
-            red = np.zeros((*panel.overlay.shape, 4))
-            red[panel.overlay] = (1.0, 0.0, 0.0, 0.3)
-            ax.imshow(red, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set(color=HIGHLIGHT if panel.highlight else "black", linewidth=3 if panel.highlight else 0.5)
     elif panel.kind == "bars":
         _bars(ax, panel)
     elif panel.kind == "series":

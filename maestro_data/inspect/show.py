@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
 
 from maestro_data.augment import crop_window, eval_crop_origins
+from maestro_data.dates import iso_day
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.temporal import LOG_FLOOR, channel_index, select_steps
 
@@ -51,13 +51,6 @@ class TileView:
     title: str
     sections: list[Section]
     arrays: dict[str, np.ndarray]  # the arrays every panel was computed from
-
-
-def day(ymd: np.ndarray) -> str:
-    """(year, day of year, hour) -> YYYY-MM-DD ('no date' for the zero date of a missing modality)."""
-    if int(ymd[0]) <= 0:
-        return "no date"
-    return (date(int(ymd[0]), 1, 1) + timedelta(days=int(ymd[1]) - 1)).isoformat()
 
 
 def stretch(x: np.ndarray, valid: np.ndarray | None = None, lo: float = 2, hi: float = 98) -> np.ndarray:
@@ -189,7 +182,7 @@ def _series(data: np.ndarray, spec: ModalitySpec, dates: np.ndarray, marks: dict
         panels.append(Panel("gray", f"{spec.bands[i]} median of {len(dates)} dates {unit}".strip(),
                             stretch(median[i:i + 1])[0], size=(3, 3)))
     panels.append(Panel("series", f"band means per date {unit}".strip(), means[:, list(spec.select)], size=(6, 3),
-                        meta={"dates": [day(d) for d in dates], "bands": list(spec.model_bands),
+                        meta={"dates": [iso_day(d) for d in dates], "bands": list(spec.model_bands),
                               "marks": sorted(marks)}))
     return panels
 
@@ -202,7 +195,7 @@ def _modality_raw(sample: dict, spec: ModalitySpec, manifest: Manifest, crop: in
     if t == 0:
         return Section(head, [Panel("text", "", "no acquisition for this tile", size=(4, 1))])
     if t == 1:
-        return Section(f"{head}, {day(dates[0])}", _single(data[0], spec, spec.bands, 1.0))
+        return Section(f"{head}, {iso_day(dates[0])}", _single(data[0], spec, spec.bands, 1.0))
     picked = selected_steps(data, mask, spec, manifest, crop)
     marks = {int(s): b for b, s in reversed(list(enumerate(picked.tolist())))}
     head += f"; framed: the {spec.temporal_bins} steps the official eval rule selects (crop {crop})"
@@ -213,7 +206,7 @@ def _modality_raw(sample: dict, spec: ModalitySpec, manifest: Manifest, crop: in
     if mask is not None and spec.cloud_mask is not None:
         valid = ~(mask > spec.cloud_mask.threshold).any(axis=1)
         head += "; red: cloud / snow mask"
-    return Section(head, _thumbnails(data, list(rgb), [day(d) for d in dates], valid, marks))
+    return Section(head, _thumbnails(data, list(rgb), [iso_day(d) for d in dates], valid, marks))
 
 
 def _target(value: np.ndarray, t: TargetSpec, model: bool) -> Section:
@@ -237,7 +230,7 @@ def tile_view(sample: dict, manifest: Manifest, crop: int = 0) -> TileView:
     sections += [_target(sample[t.name], t, model=False) for t in manifest.targets.values()]
     meta = sample.get("meta", {})
     title = f"{manifest.title} tile {sample['tile_id']} ({meta.get('split', '?')}), reference date " \
-            f"{day(np.asarray(meta.get('ref_date', (0, 0, 0))))}"
+            f"{iso_day(np.asarray(meta.get('ref_date', (0, 0, 0))))}"
     arrays = {k: v for k, v in sample.items() if isinstance(v, np.ndarray)}
     return TileView(title, sections, arrays)
 
@@ -250,13 +243,13 @@ def _modality_model(arrays: dict[str, np.ndarray], spec: ModalitySpec) -> Sectio
         return Section(head, [Panel("text", "", "no acquisition: a neutral all-zero input", size=(4, 1))])
     scale = 1.0 if spec.log_scale else spec.norm_factor
     if x.shape[0] == 1:
-        return Section(f"{head}, {day(dates[0])}", _single(x[0], spec, spec.model_bands, scale))
+        return Section(f"{head}, {iso_day(dates[0])}", _single(x[0], spec, spec.model_bands, scale))
     rgb = [spec.model_bands.index(n) for n in dict(spec.display).get("rgb", ()) if n in spec.model_bands]
     if len(rgb) == 3:
-        return Section(head, _thumbnails(x, rgb, [day(d) for d in dates]))
+        return Section(head, _thumbnails(x, rgb, [iso_day(d) for d in dates]))
     panels = []
     for c, band in enumerate(spec.model_bands):
-        panels += _thumbnails(x, [c], [f"{band} {day(d)}" for d in dates])
+        panels += _thumbnails(x, [c], [f"{band} {iso_day(d)}" for d in dates])
     return Section(head, panels)
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from datetime import date, timedelta
 
 import numpy as np
 from tqdm import tqdm
 
+from maestro_data.dates import iso_day
 from maestro_data.errors import StoreError
 from maestro_data.inspect.accumulate import FLOAT_BINS, CoMoments, Histogram, Moments
 from maestro_data.inspect.proposal import GROUP_DISTANCE, Proposal, propose
@@ -80,10 +80,6 @@ def band_chunks(series: Series, spec: ModalitySpec) -> Iterator[np.ndarray]:
         yield x.transpose(1, 0, 2, 3).reshape(c, -1)
 
 
-def _day(ymd: np.ndarray) -> date:
-    return date(int(ymd[0]), 1, 1) + timedelta(days=int(ymd[1]) - 1)
-
-
 class ModalityStats:
     """Every accumulator of one modality; ``ranges`` (per-band [lo, hi]) is needed for float dtypes."""
 
@@ -122,7 +118,7 @@ class ModalityStats:
             return
         share = cloudy.mean(axis=(1, 2)) if cloudy.size else np.zeros(0)
         for ymd, s in zip(series.dates, share, strict=True):
-            entry = self.dates.setdefault(_day(ymd).isoformat(), [0, 0.0, 0])
+            entry = self.dates.setdefault(iso_day(ymd), [0, 0.0, 0])
             entry[0] += 1
             entry[1] += float(s)
             entry[2] += int(s == 0)
@@ -142,7 +138,10 @@ class ModalityStats:
                 "resolution": float(self.hist.resolution[c]), "histogram": {"edges": edges, "counts": counts},
             }
         sel = list(spec.select)
-        proposal = propose(spec, corr[np.ix_(sel, sel)], pct[:, 0], pct[:, -1], distance)
+        if self.comoments.n:
+            proposal = propose(spec, corr[np.ix_(sel, sel)], pct[:, 0], pct[:, -1], distance)
+        else:  # no valid pixel: nothing to propose, the manifest stands
+            proposal = Proposal(spec.select, spec.norm_groups, spec.norm_factor)
         return {
             "dtype": spec.dtype, "values": "log" if spec.log_scale else "stored", "steps": self.steps,
             "pixels": self.pixels, "cloudy_pixels": self.cloudy, "bands": bands,
