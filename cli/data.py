@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from maestro_cli.common import CleanErrors
+from maestro_data.inspect.proposal import GROUP_DISTANCE
 from maestro_data.manifest import builtin_manifests, load_manifest
 
 DATASETS = builtin_manifests(variants=False)
@@ -263,6 +264,64 @@ def _index_info(location: str, as_json: bool) -> None:
             click.echo(f"  {split:6s} tier {tier:>3s}%: {r['samples']:6d} tiles in {r['shards']} shard(s), "
                        f"{r['bytes'] / 1e6:.1f} MB")
     click.echo("modalities: " + ", ".join(f"{m} ({s.dtype})" for m, s in manifest.modalities.items()))
+
+
+@main.command()
+@click.argument("location")
+@click.argument("tile_id")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
+@click.option("--sample", is_flag=True,
+              help="Show what the model receives for this tile: the loader's temporal selection, crop and D4 for "
+                   "(--seed, --epoch), normalised.")
+@click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True,
+              help="With --sample: train (random crop, random valid step, D4) or eval (the crop grid, MAD step).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="With --sample: loader seed.")
+@click.option("--epoch", default=0, show_default=True, type=click.IntRange(0), help="With --sample: epoch.")
+@click.option("--crop", default=0, show_default=True, type=click.IntRange(0),
+              help="Crop index of the tile (PASTIS-HD: 0..63): the element shown with --sample, and the crop whose "
+                   "official time-step selection is marked otherwise.")
+@click.option("--manifest", "manifest_path", help="Look through this manifest (name or file; same stored data) "
+                                                  "instead of the one the tile was built with.")
+def show(location: str, tile_id: str, out: Path, sample: bool, mode: str, seed: int, epoch: int, crop: int,
+         manifest_path: str | None) -> None:
+    """One figure of tile TILE_ID of a tile store or shard index LOCATION: every modality and date, the cloud
+    mask, the steps the official rule selects, the labels in the manifest's class colours."""
+    from maestro_data.inspect.commands import SampleOptions, show_tile
+
+    options = SampleOptions(mode=mode, seed=seed, epoch=epoch, crop=crop) if sample else None
+    click.echo(str(show_tile(location, tile_id, out, options, crop, manifest_path)))
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for stats.json and the figures.")
+@click.option("--split", help="Only this split (default: every split).")
+@click.option("--subset", type=click.IntRange(1, 100), help="Only the nested subset of this percentage.")
+@click.option("--group-distance", default=GROUP_DISTANCE, show_default=True, type=click.FloatRange(0, 1),
+              help="Cut of the band clustering: bands group when their average 1 - |r| is below it.")
+@click.option("--write-manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a copy of the store's manifest with the proposed norm factors and groups.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def stats(store: Path, out: Path, split: str | None, subset: int | None, group_distance: float,
+          write_manifest: Path | None, quiet: bool) -> None:
+    """Band statistics of a tile STORE (cloud-masked, NaN-aware, streamed), class frequencies, cloud cover, the band
+    correlations and the band groups and norm factors they suggest."""
+    from maestro_data.inspect.commands import group_table, run_stats
+
+    result = run_stats(store, out, split, subset, group_distance, write_manifest, quiet)
+    click.echo(f"{result['tiles']} tiles of {result['dataset']} ({result['split']} split"
+               f"{'s' if result['split'] == 'all' else ''}, {result['subset']} %): {out / 'stats.json'}")
+    for line in group_table(result):
+        click.echo(line)
+    for name, m in result["modalities"].items():
+        if m["cloud"] is not None and m["pixels"]:
+            months = m["cloud"]["per_month"]
+            clearest = min(months, key=lambda k: months[k]["cloud_share"]) if months else "-"
+            click.echo(f"{name}: {m['cloudy_pixels'] / m['pixels']:.0%} of pixels cloud-masked; clearest month "
+                       f"{clearest}")
+    if write_manifest is not None:
+        click.echo(f"manifest with the proposal: {write_manifest}")
 
 
 @main.command("demo-data")

@@ -117,6 +117,17 @@ def main() -> None:
     """Train MAESTRO with Accelerate: pretrain -> probe -> finetune (paper protocol, official defaults)."""
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
+def plot(run_dir: Path, out: Path) -> None:
+    """Loss and LR per step and validation metrics per epoch of RUN_DIR, one column per phase (also while the run
+    is going)."""
+    from maestro_model.plots import write_run_plot
+
+    click.echo(str(write_run_plot(run_dir, out)))
+
+
 for _name, _phases in COMMANDS.items():
     def _make(name: str):
         @_options

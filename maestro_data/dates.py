@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 
 import numpy as np
@@ -33,6 +33,14 @@ def parse_date(text: str | int) -> tuple[int, int, int]:
     except ValueError:
         raise ValueError(f"invalid date {s!r}: expected YYYYMMDD or YYYY-MM-DD") from None
     return d.year, d.timetuple().tm_yday, d.hour
+
+
+def iso_day(ymd: Iterable[int]) -> str:
+    """(year, day of year, hour) -> ``YYYY-MM-DD``; ``no date`` for the zero row of a modality without dates."""
+    year, doy = (int(v) for v in list(ymd)[:2])
+    if year <= 0:
+        return "no date"
+    return (date(year, 1, 1) + timedelta(days=doy - 1)).isoformat()
 
 
 def dates_array(values: Iterable[str | int]) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from maestro_data.errors import ManifestError
+from maestro_data.manifest_display import parse_colors, parse_display, without_display
 
 SCHEMA_VERSION = 1
 BUILTIN_DIR = Path(__file__).resolve().parent / "manifests"
@@ -54,6 +55,7 @@ class ModalitySpec:
     tile_size: int
     model_image_size: int = 0   # what the model resizes each date to (0: image_size, no resize)
     embed: str = ""             # patch embedding / pixel head shared under this name (official name_embed)
+    display: tuple[tuple[str, tuple[str, ...]], ...] = ()  # figures only: ((view, band names), ...)
 
     @property
     def stored_channels(self) -> int:
@@ -85,6 +87,11 @@ class ModalitySpec:
     def model_bands(self) -> tuple[str, ...]:
         return tuple(self.bands[i] for i in self.select)
 
+    def view(self, kind: str) -> tuple[int, ...]:
+        """Stored band indices of display view ``kind`` (``rgb``, ``false_color``, ``hillshade``); () if none."""
+        names = dict(self.display).get(kind, ())
+        return tuple(self.bands.index(n) for n in names)
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -100,6 +107,7 @@ class TargetSpec:
     dtype: str
     tile_size: int | None
     image_size: int | None
+    colors: tuple[str, ...] = ()  # figures only: one "#rrggbb" per class
 
 
 @dataclass(frozen=True)
@@ -155,11 +163,12 @@ _TOP_KEYS = {
 _MOD_KEYS = {
     "source", "dtype", "bands", "select", "resolution_m", "image_size", "patch_size", "temporal_bins",
     "norm_factor", "log_scale", "rescale_elev", "norm_groups", "fusion_group", "cloud_mask", "model_image_size",
-    "embed",
+    "embed", "display",
 }
 _MASK_KEYS = {"source", "bands", "dtype", "threshold"}
 _TARGET_KEYS = {
     "type", "source", "classes", "num_classes", "ignore", "missing_value", "threshold", "resolution_m", "dtype",
+    "colors",
 }
 _SPLIT_KEYS = {"names", "pretrain", "source", "options"}
 
@@ -268,6 +277,10 @@ def _parse_modality(name: str, table: dict, origin: str, tile_m: float, crop_m: 
         if not mbands:
             raise mr.error("bands", "must name at least one mask band")
         mask = CloudMaskSpec(mr.get("source", str), mbands, mdtype, threshold)
+    try:
+        display = parse_display(table.get("display"), bands)
+    except ValueError as exc:
+        raise r.error("display", str(exc)) from None
     return ModalitySpec(
         name=name, source=r.get("source", str), dtype=dtype, bands=bands, select=select, resolution_m=resolution,
         image_size=image_size, patch_size=patch_size, temporal_bins=r.positive("temporal_bins", int),
@@ -275,6 +288,7 @@ def _parse_modality(name: str, table: dict, origin: str, tile_m: float, crop_m: 
         rescale_elev=r.get("rescale_elev", bool, False), norm_groups=norm_groups,
         fusion_group=r.get("fusion_group", str, name), cloud_mask=mask, tile_size=tile_px,
         model_image_size=model_size if model_size != image_size else 0, embed=r.get("embed", str, ""),
+        display=display,
     )
 
 
@@ -312,9 +326,13 @@ def _parse_target(name: str, table: dict, origin: str, tile_m: float, crop_m: fl
         dtype = r.get("dtype", str, "uint8")
     if dtype not in STORED_DTYPES:
         raise r.error("dtype", f"must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
+    try:
+        colors = parse_colors(table.get("colors"), classes)
+    except ValueError as exc:
+        raise r.error("colors", str(exc)) from None
     return TargetSpec(name=name, type=kind, source=r.get("source", str), classes=classes, num_classes=num_classes,
                       ignore=ignore, missing_value=missing, threshold=threshold, resolution_m=resolution,
-                      dtype=dtype, tile_size=tile_px, image_size=image_px)
+                      dtype=dtype, tile_size=tile_px, image_size=image_px, colors=colors)
 
 
 def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
@@ -375,7 +393,8 @@ def parse_manifest(text: str, origin: str = "<manifest>") -> Manifest:
         raise sr.error("pretrain", f"{list(pretrain)} must be among the split names {list(names)}")
     splits = SplitSpec(names=names, pretrain=pretrain, source=sr.get("source", str),
                        options=dict(sr.get("options", dict, {})))
-    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    # display keys (colours, views) change no stored byte and no model: the digests leave them out
+    canonical = json.dumps(without_display(raw), sort_keys=True, separators=(",", ":"), default=str)
     storage = json.dumps(_storage_fields(raw), sort_keys=True, separators=(",", ":"), default=str)
     return Manifest(
         name=r.get("name", str), title=r.get("title", str, raw.get("name", "")), tile_m=tile_m, crop_m=crop_m,

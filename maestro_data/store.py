@@ -389,12 +389,16 @@ class TileStore:
         mask = self._read(g["mask"], a, b, i) if "mask" in g else None
         return Series(data=self._read(g["data"], a, b, i), dates=self._read(g["dates"], a, b, i), mask=mask)
 
+    def read_target(self, i: int, name: str) -> np.ndarray:
+        self._check_block(i)
+        return self._read(self.root["targets"][name], i, i + 1, i)[0]
+
     def read_tile(self, key: int | str) -> Tile:
         i = self.index(key) if isinstance(key, str) else int(key)
         if not self.valid[i]:
             raise StoreError(f"{self.path}: tile {self.tile_ids[i]!r} was skipped during the build")
         series = {m: self.read_series(i, m) for m in self.manifest.modalities}
-        targets = {name: self._read(self.root["targets"][name], i, i + 1, i)[0] for name in self.manifest.targets}
+        targets = {name: self.read_target(i, name) for name in self.manifest.targets}
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
                     series=series, targets=targets)

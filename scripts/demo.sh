@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: from nothing, generate a small dataset in its REAL published layout, build the zarr tile store,
 # its furthest-point-sampled subsets and WebDataset shards, inspect and verify them, then pretrain -> probe ->
-# finetune a tiny model on CPU with `accelerate launch` and print its metrics.
+# finetune a tiny model on CPU with `accelerate launch`, print its metrics, and draw a tile and the training curves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,4 +20,11 @@ maestro-data verify "$OUT/flair-hub/shards" --full
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   -m maestro_model.train run --config configs/demo.toml --index "$OUT/treesatai-ts/shards" --output-dir "$OUT/train" \
   --cpu
+# Figures: one FLAIR-HUB tile with every modality and date, and the training curves of the run above.
+TILE=$(python -c "import sys; from maestro_data.store import TileStore; print(TileStore(sys.argv[1]).tile_ids[0])" \
+  "$OUT/flair-hub")
+SHOW=$(maestro-data show "$OUT/flair-hub" "$TILE" --out "$OUT/figures/tile-$TILE.png")
+PLOT=$(maestro-train plot "$OUT/train" --out "$OUT/figures/training.png")
+echo "tile figure: $SHOW"
+echo "training curves: $PLOT"
 echo "demo outputs are in $OUT/ (training run: $OUT/train/)"

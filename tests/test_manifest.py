@@ -111,6 +111,13 @@ def _broken(old: str, new: str, count: int = 1) -> str:
         ("grid_pos_enc = 160", "grid_pos_enc = -1", "grid_pos_enc", "must be > 0"),
         ("norm_factor = 5000.0", 'norm_factor = "5000"', "modalities.s2.norm_factor", "expected a number"),
         ("missing_value = -1", "missing_value = 3", "targets.cosia.missing_value", "collides"),
+        ('"#6b714f",\n          "#000000"]', '"#6b714f"]', "targets.cosia.colors", "18 colours for 19 classes"),
+        ('"#6b714f",\n          "#000000"]', '"#6b714f",\n          "black"]', "targets.cosia.colors",
+         "'black' is not a '#rrggbb' colour"),
+        ('hillshade = ["DSM", "DTM"]', 'hillshade = ["DSM", "NDVI"]', "modalities.dem.display", "'NDVI' is not a band"),
+        ('display = { rgb = ["R", "G", "B"], false', 'display = { rgb = ["R", "G"], false', "modalities.aerial.display",
+         "rgb: needs 3 bands"),
+        ('hillshade = ["DSM", "DTM"]', 'relief = ["DSM"]', "modalities.dem.display", "unknown view 'relief'"),
     ],
 )
 def test_inconsistent_manifest_names_the_key(old, new, key, why):
@@ -145,3 +152,17 @@ def test_storage_digest_ignores_stream_time_settings():
     for old, new in (('dtype = "uint16"', 'dtype = "int16"'), ('"B11", "B12"]', '"B11", "B13"]'),
                      ('"undefined"]', '"other"]')):
         assert parse_manifest(base.text.replace(old, new)).storage_sha256 != base.storage_sha256, new
+
+
+def test_display_keys_change_no_digest_and_give_band_indices():
+    """Colours and views are for figures only: stores, shards and checkpoints of a manifest without them match."""
+    m = load_manifest("treesatai-ts")
+    bare = "\n".join(line for line in m.text.splitlines()
+                     if not line.startswith(("display =", "colors =", "          \"#")))
+    plain = parse_manifest(bare)
+    assert plain.targets["treesat_mlc_thresh"].colors == () and plain.modalities["s2"].display == ()
+    assert (plain.sha256, plain.storage_sha256) == (m.sha256, m.storage_sha256)
+    assert m.modalities["aerial"].view("rgb") == (3, 1, 2) and m.modalities["aerial"].view("false_color") == (0, 3, 1)
+    assert m.modalities["s1_asc"].view("rgb") == ()
+    assert load_manifest("flair-hub").modalities["dem"].view("hillshade") == (0, 1)
+    assert load_manifest("flair-hub").targets["cosia"].colors[0] == "#db0e9a"
