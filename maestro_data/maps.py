@@ -233,9 +233,13 @@ def union_grid(grids: Sequence[Grid]) -> Grid:
 
 def label_grid(grids: dict[str, Grid], target: str, size: int) -> Grid:
     """The grid predictions of ``target`` are written on: the label raster's own grid as read, else (a store built
-    with --no-targets has no label file) the tile's footprint cut into the target's ``size`` pixels."""
+    with --no-targets has no label file) a grid of ``size`` pixels as read, else the tile's footprint cut into
+    ``size`` pixels."""
     if target in grids:
         return grids[target]
+    same = [grids[n] for n in sorted(grids) if (grids[n].width, grids[n].height) == (size, size)]
+    if same:  # a modality read on the label's pixels (FLAIR aerial, PASTIS 10 m): its grid exactly, as read
+        return same[0]
     if not grids:
         raise MapError("the tile has no georeference (shards written before grids were stored: rebuild them)")
     foot = union_grid(list(grids.values()))

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from maestro_data import georef, maps
-from maestro_data.augment import d4_inverse
+from maestro_data.augment import crop_window, d4_inverse
 from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions, label_table
 from maestro_data.device import d4_apply_torch, to_model_batch
 from maestro_data.errors import MaestroError
@@ -103,6 +103,9 @@ class Predictor:
         self.transform = SampleTransform(self.reader_manifest, TransformOptions(mode="eval", d4=False))
         self.elements = list(range(8)) if options.tta else [0]
         self.targets = dict(self.manifest.targets)
+        # the target windows of each eval crop, from the model's targets (an unlabelled reader manifest has none)
+        self.windows = [{n: crop_window(t, o) for n, t in self.targets.items() if t.type == "segmentation"}
+                        for o in self.transform.origins]
         self.colors = {n: maps.palette(t.num_classes, getattr(t, "colors", None)) for n, t in self.targets.items()}
 
     # ------------------------------------------------------------------------------------------ per rank
@@ -188,7 +191,7 @@ class Predictor:
                 out = logits[name][i]
                 if t.type == "segmentation":
                     out = d4_apply_torch(out, d4_inverse(k)) if k else out
-                    ts.add(name, out, self.transform._eval_windows[crop][name], t.tile_size)
+                    ts.add(name, out, self.windows[crop][name], t.tile_size)
                 else:
                     ts.add(name, out, None, None)
             ts.received += 1
