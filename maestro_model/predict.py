@@ -202,7 +202,8 @@ class Predictor:
     def _write_tile(self, ts: TileSum) -> None:
         meta = ts.meta
         grids = georef.grids_from_record(meta["grids"], f"tile {meta['tile_id']!r}")
-        record: dict = {"tile_id": meta["tile_id"], "split": meta["split"], "key": ts.key, "targets": {}}
+        record: dict = {"tile_id": meta["tile_id"], "split": meta["split"], "key": ts.key, "targets": {},
+                        "rank": self.acc.process_index}
         for name, t in self.targets.items():
             mean = ts.mean(name)
             rec: dict = {}
@@ -247,6 +248,7 @@ class Predictor:
             outputs += self._target_outputs(name, t, records)
             metrics.update(self._metrics(name, t, records))
         summary = {"tiles": len(records), "model": self.what, "tta": "d4" if self.o.tta else None,
+                   "world_size": self.acc.num_processes,
                    "outputs": [str(p) for p in outputs], "metrics": metrics}
         if metrics:
             maps.write_text_atomic(self.o.out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))

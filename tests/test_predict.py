@@ -207,3 +207,58 @@ def test_real_treesatai_tile_geojson_footprint_contains_its_lonlat(real_sample, 
     classes = manifest.targets[target].classes
     assert set(feature["properties"]) >= {"predicted", *classes}
     assert (out / f"{target}.csv").read_text().splitlines()[0].startswith("tile_id,split,lon,lat,predicted")
+
+
+def test_two_processes_write_every_tile_once_and_the_same_maps(flair, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "maestro_cli.model",
+           "predict", "--checkpoint", str(flair["tmp"] / "tiny.safetensors"), "--index", str(flair["shards"]),
+           "--split", "all", "--out", str(out), "--cpu", "--quiet", "--probabilities"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2  # two real ranks, not one process
+    records = [json.loads(p.read_text()) for p in (out / "_tiles").glob("*.json")]
+    assert sorted(r["tile_id"] for r in records) == sorted({r["tile_id"] for r in records})
+    assert len(records) == 4 and {r["rank"] for r in records} == {0, 1}
+    for cog in (flair["out"] / "cosia").glob("*.tif"):
+        with rasterio.open(cog) as one, rasterio.open(out / "cosia" / cog.name) as two:
+            np.testing.assert_array_equal(one.read(), two.read())
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((flair["out"] / "metrics.json").read_text())
+
+
+def test_pastis_crops_are_stitched_back_on_the_128_px_tile(tmp_path):
+    manifest = load_manifest("pastis-hd")
+    raw = generate("pastis-hd", tmp_path / "raw", tiles=2, seed=0)
+    shards = _build(manifest, raw, tmp_path / "built", on_error="skip")
+    save_model(tiny_model(manifest), tmp_path / "p.safetensors")
+    out = tmp_path / "pred"
+    summary = predict(PredictOptions(str(tmp_path / "p.safetensors"), str(shards), out, split="all", batch_size=32,
+                                     quiet=True), Accelerator(cpu=True))
+    from maestro_data.store import TileStore
+
+    store = TileStore(tmp_path / "built")
+    assert summary["tiles"] == int(store.valid.sum()) >= 1
+    for cog in (out / "pastis_seg").glob("*.tif"):
+        tile_id = json.loads((out / "_tiles" / f"{cog.stem}.json").read_text())["tile_id"]
+        grid = store.read_tile(tile_id).grids["pastis_seg"]
+        with rasterio.open(cog) as got:
+            assert (got.width, got.height) == (grid.width, grid.height) == (128, 128)
+            assert tuple(got.transform)[:6] == grid.transform and got.crs == grid.crs
+            classes = got.read(1)
+        assert len(np.unique(classes[:16, :16])) >= 1 and classes.max() < manifest.targets["pastis_seg"].num_classes
+
+
+def test_tile_sum_averages_overlapping_crops_in_logit_space():
+    from maestro_model.predict_tiles import TileSum, rank_tiles
+
+    ts = TileSum("k", {}, expected=2)
+    ts.add("t", torch.ones(2, 4, 4), (0, 0, 4), 6)
+    ts.add("t", 3 * torch.ones(2, 4, 4), (2, 2, 4), 6)
+    mean = ts.mean("t")
+    assert mean[0, 0, 0] == 1 and mean[0, 3, 3] == 2 and mean[0, 5, 5] == 3 and mean[0, 0, 5] == 0
+    assert sorted(rank_tiles(7, 0, 3) + rank_tiles(7, 1, 3) + rank_tiles(7, 2, 3)) == list(range(7))
