@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's demo: from nothing, generate a small dataset in its REAL published layout, build the zarr tile store,
 # its furthest-point-sampled subsets and WebDataset shards, inspect and verify them, then pretrain -> probe ->
-# finetune a tiny model on CPU with `accelerate launch` and print its metrics.
+# finetune a tiny model on CPU with `accelerate launch` and print its metrics, then predict the test split to maps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,4 +20,7 @@ maestro-data verify "$OUT/flair-hub/shards" --full
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   -m maestro_model.train run --config configs/demo.toml --index "$OUT/treesatai-ts/shards" --output-dir "$OUT/train" \
   --cpu
-echo "demo outputs are in $OUT/ (training run: $OUT/train/)"
+# Maps: the fine-tuned model (EMA) over the test split -> GeoJSON + CSV of tile footprints with per-genus probabilities.
+maestro-model predict --checkpoint "$OUT/train" --index "$OUT/treesatai-ts/shards" --split test --out "$OUT/predict" \
+  --cpu --quiet
+echo "demo outputs are in $OUT/ (training run: $OUT/train/; predictions: $OUT/predict/, open the .geojson in QGIS)"
