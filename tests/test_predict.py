@@ -170,6 +170,14 @@ def test_no_targets_build_then_predict(tmp_path):
     summary = predict(PredictOptions(str(tmp_path / "m.safetensors"), str(shards), out, split="all", quiet=True),
                       Accelerator(cpu=True))
     assert summary["tiles"] == 2 and not (out / "metrics.json").exists()
+    from maestro_model.config import load_config
+    from maestro_model.train import Trainer, TrainError
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    cfg = load_config(demo, {"data.manifest": "flair-hub", "data.index": str(shards),
+                             "train.output_dir": str(tmp_path / "run"), "train.quiet": True})
+    with pytest.raises(TrainError, match="--no-targets"):
+        Trainer(cfg)
     for cog in (out / "cosia").glob("*.tif"):
         tile_id = json.loads((out / "_tiles" / f"{cog.stem}.json").read_text())["tile_id"]
         domain, zone_tile = tile_id.split("_", 1)
