@@ -5,7 +5,8 @@ synthetic real-layout tiles: FLAIR-HUB (segmentation: one 512 px crop per tile -
     python benchmarks/predict_throughput.py [--tiles 6] [--sizes tiny,base] [--workdir DIR]
 
 Time is wall time of the whole predict call (loading the checkpoint, reading shards, model forward, writing COGs /
-records, then the VRT or GeoJSON): a few tiles include the start-up cost, so the figure is a floor. The LAST line printed is one JSON object with the figures.
+records, then the VRT or GeoJSON): a few tiles include the start-up cost, so the figure is a floor.
+The LAST line printed is one JSON object with the figures.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from maestro_data import georef, maps
 from maestro_data.augment import crop_window, d4_inverse
+from maestro_data.cache import Access
 from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions, label_table
 from maestro_data.device import d4_apply_torch, to_model_batch
 from maestro_data.errors import MaestroError
@@ -111,8 +112,6 @@ class Predictor:
     # ------------------------------------------------------------------------------------------ per rank
     def run(self) -> dict:
         rank, world = self.acc.process_index, self.acc.num_processes
-        from maestro_data.cache import Access
-
         self.access = Access()
         tiles = _run_tiles(self.index, self.location, self.reader_manifest, self.o.split, self.access)
         mine = [tiles[i] for i in rank_tiles(len(tiles), rank, world)]
