@@ -56,11 +56,13 @@ def main() -> None:
               help="Target shard size (e.g. 256MB, 1GB).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
 @click.option("--no-shards", is_flag=True, help="Stop after the tile store and its subsets.")
+@click.option("--no-targets", is_flag=True,
+              help="New imagery without label files: read no label, mark the store unlabelled (predict only).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, workers: int, limit: int | None,
           on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int | None, block_tiles: int,
           splits_from: Path | None, percents: tuple[int, ...], shard_size: int, seed: int, no_shards: bool,
-          quiet: bool) -> None:
+          no_targets: bool, quiet: bool) -> None:
     """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
     from maestro_data.build import BuildOptions, build_store, compute_subsets
     from maestro_data.shards import ShardOptions, write_shards
@@ -71,7 +73,7 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
     if manifest.name != dataset:
         raise click.ClickException(f"{manifest_path}: manifest is for {manifest.name!r}, not {dataset!r}")
     options = BuildOptions(workers=workers, limit=limit, on_error=on_error, resume=resume, overwrite=overwrite,
-                           quiet=quiet, block_tiles=block_tiles,
+                           quiet=quiet, block_tiles=block_tiles, labelled=not no_targets,
                            source=SourceOptions(split_set=split_set, fold=fold))
     report = build_store(manifest, src, out, options)
     sizes = f"{report['bytes_out'] / 1e6:.1f} MB store"

@@ -1,9 +1,11 @@
-"""`maestro-model`: FLOPs and parameter accounting and token counts of MAESTRO for a dataset manifest."""
+"""`maestro-model`: FLOPs and parameter accounting and token counts of MAESTRO for a dataset manifest, and
+`predict` (maps from a trained model; runs under `accelerate launch -m maestro_cli.model predict ...`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -172,6 +174,46 @@ def info(dataset: str | None, size: str, fusion: str, multispectral: str, inter_
                f"{_fmt(None if params is None else params / 1e6, ' M')}")
     if error:
         click.echo(f"parameters unavailable: {error}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="A maestro-train run folder (finetune/, else probe/), one of its .safetensors exports, or an "
+                   "IGNF Lightning .ckpt.")
+@click.option("--index", "index", required=True, help="Shard folder, its index.json, or a URL.")
+@click.option("--split", default="test", show_default=True, help="A split of the shards, or 'all'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--tta", type=click.Choice(["none", "d4"]), default="none", show_default=True,
+              help="d4: average the logits of the 8 flips/rotations (inverse-transformed) before the argmax.")
+@click.option("--probabilities", is_flag=True, help="Also write per-class probability COGs (uint8, scale 1/255).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--ema/--raw-weights", default=True, show_default=True,
+              help="Use the EMA export / ema_model weights where the checkpoint has them.")
+@click.option("--cpu", is_flag=True, help="Run on CPU even where a GPU is present.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def predict(checkpoint: str, index: str, split: str, out: Path, tta: str, probabilities: bool, batch_size: int,
+            ema: bool, cpu: bool, quiet: bool) -> None:
+    """Predict SPLIT of the shards at INDEX into OUT: per tile a Cloud-Optimized GeoTIFF on the label grid and a
+    VRT mosaic (segmentation), or a GeoJSON + CSV of tile footprints (classification); metrics.json with labels.
+    Resumable: tiles already written are skipped."""
+    import torch
+    from accelerate import Accelerator
+
+    from maestro_model.predict import PredictOptions
+    from maestro_model.predict import predict as run_predict
+
+    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+    options = PredictOptions(checkpoint=checkpoint, index=index, out=out, split=split, tta=tta == "d4",
+                             probabilities=probabilities, batch_size=batch_size, ema=ema, quiet=quiet)
+    summary = run_predict(options, accelerator)
+    if accelerator.is_main_process:
+        click.echo(f"predicted {summary['tiles']} tiles with {summary['model']}"
+                   + (" (TTA d4)" if tta == "d4" else "") + f" -> {out}")
+        for path in summary["outputs"]:
+            click.echo(f"  {path}")
+        for name, value in summary["metrics"].items():
+            if isinstance(value, float):
+                click.echo(f"  {name}: {value:.4f}")
 
 
 if __name__ == "__main__":

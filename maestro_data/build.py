@@ -33,6 +33,7 @@ from maestro_data.sources.base import GDAL_READ_OPTIONS
 from maestro_data.split_origin import describe as describe_split_origin
 from maestro_data.store import StorePlan, create_store, make_plan, tree_bytes, write_block
 from maestro_data.tile import TileRef
+from maestro_data.unlabelled import without_targets
 
 log = logging.getLogger(__name__)
 STORE_NAME = "store.zarr"
@@ -48,6 +49,7 @@ class BuildOptions:
     overwrite: bool = False
     quiet: bool = False
     block_tiles: int = 32
+    labelled: bool = True  # False (--no-targets): new imagery without label files, for prediction only
     source: SourceOptions = field(default_factory=SourceOptions)
 
     def __post_init__(self):
@@ -148,6 +150,8 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
     """Convert the raw dataset at ``src`` into ``<out>/store.zarr``; returns the build report (also report.json)."""
     options = options or BuildOptions()
     src, out = Path(src), Path(out)
+    if not options.labelled:  # the readers then read no label file, and the store holds no label array
+        manifest = without_targets(manifest)
     t0 = time.perf_counter()
     if not src.is_dir():
         raise SourceError(f"source folder {src} does not exist")
@@ -192,7 +196,7 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path, options: B
                           "splits": source.split_origin,
                           "on_error": options.on_error, "limit": options.limit}
             _atomic_json(out / BUILD_DIR / "probe.json", {"skipped": skipped})
-            create_store(store, manifest, plan, provenance)
+            create_store(store, manifest, plan, provenance, labelled=options.labelled)
         else:
             skipped = json.loads((out / BUILD_DIR / "probe.json").read_text())["skipped"]
         done = _intact_blocks(store, marker_dir, options.quiet)

@@ -1,9 +1,9 @@
-"""The shard index, schema 2: O(shards) where every process reads it, per-sample detail in one sidecar per shard.
+"""The shard index, schema 3: O(shards) where every process reads it, per-sample detail in one sidecar per shard.
 
 ``index.json`` (written last: the commit marker) is read by every rank and worker, so it holds only what planning
 an epoch needs, as one column per field for each split and tier (no per-sample entry)::
 
-    {"format": "maestro-shards", "schema": 2, "toolkit_version", "seed",
+    {"format": "maestro-shards", "schema": 3, "toolkit_version", "seed", "labelled" (false: --no-targets),
      "manifest": {"name", "sha256", "text"},
      "splits": {<split>: {"samples": n, "subsets": {"5": n, ...},
                           "tiers": {<tier>: {"url": [...], "samples": [...], "bytes": [...], "sha256": [...],
@@ -31,7 +31,7 @@ from maestro_data.errors import ShardError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "maestro-shards"
-INDEX_SCHEMA = 2
+INDEX_SCHEMA = 3  # 3: each sample's metadata holds its grids (georeference); index "labelled"
 SIDECAR_FORMAT = "maestro-shard-samples"
 SIDECAR_SUFFIX = ".samples.json"
 COLUMNS = ("url", "samples", "bytes", "sha256", "sidecar_bytes", "sidecar_sha256")
@@ -125,7 +125,7 @@ def _check_tier(where: str, columns: object, path: str) -> int:
 
 
 def check_index(index: object, where: str) -> dict:
-    """``index`` if it is a schema-2 index; otherwise one ShardError naming ``where``, the field and what was
+    """``index`` if it is a schema-3 index; otherwise one ShardError naming ``where``, the field and what was
     expected (schema 1, which kept per-sample lists inline, is refused with how to rewrite it)."""
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{where}: not a maestro shard index (expected an object with format {INDEX_FORMAT!r})")
@@ -134,8 +134,13 @@ def check_index(index: object, where: str) -> dict:
         folder = where.rsplit("/", 1)[0] if "/" in where else "."
         raise ShardError(f"{where}: index schema 1 (per-sample lists inline) is no longer read; rewrite the index "
                          f"without rebuilding the shards: maestro-data reindex {folder}")
+    if schema == 2:
+        raise ShardError(f"{where}: index schema 2 (samples without their georeference) is no longer read; rebuild "
+                         "the store and shards: maestro-data build ... --overwrite")
     if schema != INDEX_SCHEMA:
         raise ShardError(f"{where}: unknown index schema version {schema!r} (this toolkit reads {INDEX_SCHEMA})")
+    if not isinstance(index.get("labelled", True), bool):
+        _fail(where, "labelled", "true or false", index["labelled"])
     _dict(where, index, "", ("toolkit_version", "seed", "manifest", "splits"))
     _str(where, index["toolkit_version"], "toolkit_version")
     _int(where, index["seed"], "seed")

@@ -36,7 +36,7 @@ def planner_arrays(manifest: Manifest) -> list[tuple[str, int]]:
 
 def block_arrays(manifest: Manifest) -> list[tuple[str, int]]:
     """(array path, ndim) of the arrays whose chunk or shard number ``b`` belongs to block ``b`` alone."""
-    out = [("tiles/lon", 1), ("tiles/lat", 1), ("tiles/valid", 1), ("tiles/ref_date", 2)]
+    out = [("tiles/lon", 1), ("tiles/lat", 1), ("tiles/valid", 1), ("tiles/ref_date", 2), ("tiles/grids", 1)]
     for name, spec in manifest.modalities.items():
         out += [(f"{name}/data", 4), (f"{name}/dates", 2), (f"{name}/nan_count", 1)]
         if spec.cloud_mask is not None:

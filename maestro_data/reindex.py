@@ -1,10 +1,11 @@
-"""Rewriting a shard set's index as schema 2 without rebuilding the shards (``maestro-data reindex``).
+"""Rewriting a shard set's index as the current schema without rebuilding the shards (``maestro-data reindex``).
 
 Per shard, a sidecar is built from the shard's own tar headers (``layout.scan_shard``: no data is read), checked
 against the sample keys the old index lists, and written beside the shard; the new ``index.json`` is written last,
 so an interrupted reindex leaves the old index in force. Shard bytes and their sha256 are kept as the index says
-(``maestro-data verify`` checks them). Schema-1 indexes (per-sample lists inline) and schema-2 ones (sidecars
-rebuilt) are accepted; works on local folders and fsspec urls.
+(``maestro-data verify`` checks them). Schema-1 indexes (per-sample lists inline) and current ones (sidecars
+rebuilt) are accepted; schema 2 (samples without georeference) needs a rebuild. Works on local folders and fsspec
+urls.
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ from maestro_data.shards import tile_id_of
 
 
 def _old_entries(index: dict, where: str) -> list[dict]:
-    """The shards of an index of schema 1 (or 2) as dicts with url, samples, bytes, sha256 and maybe keys."""
+    """The shards of an index of schema 1 (or the current one) as dicts: url, samples, bytes, sha256, maybe keys."""
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{where}: not a maestro shard index")
     if index.get("schema") == INDEX_SCHEMA:
         return all_entries(check_index(index, where))
+    if index.get("schema") == 2:
+        check_index(index, where)  # its one-line "rebuild" message
     if index.get("schema") != 1:
-        raise ShardError(f"{where}: unknown index schema version {index.get('schema')!r} (reindex reads 1 and 2)")
+        raise ShardError(f"{where}: unknown index schema version {index.get('schema')!r} (reindex reads 1 and "
+                         f"{INDEX_SCHEMA})")
     splits = index.get("splits")
     if not isinstance(splits, dict):
         raise ShardError(f"{where}: field splits: expected an object")
@@ -103,7 +107,8 @@ def reindex(location: str | Path, options: AccessOptions | None = None, quiet: b
         splits[split] = {"tiers": split_tiers, "subsets": info.get("subsets", {}),
                          "samples": sum(sum(c["samples"]) for c in split_tiers.values())}
     index = {"format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__,
-             "seed": old.get("seed", 0), "manifest": old.get("manifest"), "splits": splits}
+             "seed": old.get("seed", 0), "manifest": old.get("manifest"), "splits": splits,
+             "labelled": old.get("labelled", True)}
     check_index(index, loc)
     write_object(loc, index_bytes(index), options)
     return index

@@ -9,9 +9,10 @@ A subset of p % is the union of the tiers named <= p, so no byte is stored twice
 with key ``K`` (the tile id percent-encoded so that it has no ``.`` or ``/``, which webdataset would split on):
 ``K.<mod>.npy`` (T, C, H, W) stored dtype, full time series; ``K.<mod>_dates.npy`` (T, 3) int16;
 ``K.<mod>_mask.npy`` where the modality has a cloud mask; ``K.<target>.npy``; ``K.json`` (tile id, split, fold,
-lon, lat, reference date). Tiles are written in a seeded random order so every shard is a random sample of its
-tier; bytes are a pure function of the store and the seed (fixed tar header fields), and each shard is written
-to a temporary name and renamed.
+lon, lat, reference date, ``grids``: CRS, transform and size of every grid, ``maestro_data/georef.py``).
+Tiles are written in a seeded random order so every shard is a random sample of its tier; bytes are a pure
+function of the store and the seed (fixed tar header fields), and each shard is written to a temporary name and
+renamed.
 
 Beside each shard, ``<split>/<tier>-<nnnnn>.samples.json`` (its sidecar) lists the shard's sample keys, tile
 ids and member layout; ``index.json`` holds per shard only url, samples, bytes, sha256 and the sidecar's size and
@@ -33,7 +34,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 from tqdm import tqdm
 
-from maestro_data import __version__
+from maestro_data import __version__, georef
 from maestro_data.errors import ShardError, StoreError
 from maestro_data.index_format import (
     COLUMNS,
@@ -80,7 +81,8 @@ def sample_members(tile: Tile, dataset: str) -> list[tuple[str, bytes]]:
     for name, target in tile.targets.items():
         members.append((f"{key}.{name}.npy", _npy_bytes(target)))
     meta = {"tile_id": tile.tile_id, "split": tile.split, "fold": tile.fold, "lon": tile.lon, "lat": tile.lat,
-            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": dataset}
+            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": dataset,
+            "grids": georef.grids_record(tile.grids)}
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
     return members
 
@@ -228,7 +230,7 @@ def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions 
     index = {
         "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": options.seed,
         "manifest": {"name": store.manifest.name, "sha256": store.manifest.sha256, "text": store.manifest.text},
-        "splits": splits, "split_origin": store.split_origin(),
+        "splits": splits, "split_origin": store.split_origin(), "labelled": store.labelled,
     }
     write_atomic(index_path, index_bytes(index))
     return index

@@ -7,11 +7,13 @@ Layout (``<out>/store.zarr``)::
     tiles/{lon,lat}           (N,)  float64        } written by the worker that owns the tile's block
     tiles/ref_date            (N,3) int16          }
     tiles/valid               (N,)  bool           } False where the tile was skipped (--on-error skip)
+    tiles/grids               (N,)  str            } JSON: CRS, transform and size of every grid (georef.py)
     <mod>/offsets, <mod>/count  (N+1,), (N,)  start and length of each tile on the flat time axis
     <mod>/data                (S, C, H, W) stored dtype      flat time axis, chunks of k steps
     <mod>/dates               (S, 3) int16 (year, day of year, hour)
     <mod>/mask                (S, C_mask, H, W) snow/cloud probabilities, where the manifest has a cloud mask
-    targets/<name>            (N, K) fractions or (N, H, W) class rasters
+    targets/<name>            (N, K) fractions or (N, H, W) class rasters (absent from an unlabelled store:
+                              attrs ``labelled`` false, built with ``--no-targets`` for prediction only)
 
 Tiles are grouped in blocks of ``block_tiles`` consecutive tiles. Block ``b`` owns shard ``b`` of every array: its
 time steps start at ``b * shard_steps`` and each tile starts on a chunk boundary, so a shard is only ever written by
@@ -35,14 +37,16 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from maestro_data import integrity
+from maestro_data import georef, integrity
 from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
 from maestro_data.tile import Series, Tile
+from maestro_data.unlabelled import without_targets
 
 STORE_FORMAT = "maestro-tile-store"
-STORE_SCHEMA = 2  # 2: every written chunk recorded with its size and sha256 (maestro_data.integrity)
+STORE_SCHEMA = 3  # 2: every written chunk recorded with its size and sha256 (maestro_data.integrity); 3: grids
+_SCHEMA_HINTS = {1: " (built before chunk integrity was recorded)", 2: " (built before tiles kept their georeference)"}
 CHUNK_TARGET_BYTES = 1 << 20  # ~1 MiB raw per chunk: big enough to compress well, small enough to read one tile
 MAX_CHUNK_STEPS = 128  # ~ a year of Sentinel-1/2 acquisitions: one chunk per tile for most series
 
@@ -129,8 +133,11 @@ def _create(group: zarr.Group, name: str, shape: tuple, dtype, chunks: tuple, sh
                               fill_value=fill_value, config={"write_empty_chunks": False}, overwrite=True)
 
 
-def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: dict) -> zarr.Group:
-    """Create every array and write the planner's part (tile table, offsets). The plan digest is written last."""
+def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: dict, labelled: bool = True,
+                 ) -> zarr.Group:
+    """Create every array and write the planner's part (tile table, offsets). The plan digest is written last.
+
+    ``labelled`` False: ``manifest`` has its targets removed (``without_targets``) and the store says so."""
     root = zarr.open_group(str(path), mode="w")
     n, bt = plan.num_tiles, plan.block_tiles
     npad = plan.num_blocks * bt
@@ -143,6 +150,7 @@ def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: di
     for name, dtype in (("lon", "float64"), ("lat", "float64"), ("valid", "bool")):
         _create(tiles, name, (npad,), dtype, (bt,), fill_value=False if dtype == "bool" else 0)
     _create(tiles, "ref_date", (npad, 3), "int16", (bt, 3))
+    tiles.create_array("grids", shape=(npad,), dtype=str, chunks=(bt,), fill_value="", overwrite=True)
     for name, spec in manifest.modalities.items():
         mp = plan.modalities[name]
         g = root.create_group(name)
@@ -165,7 +173,7 @@ def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: di
             px = (t.tile_size, t.tile_size)
             _create(tg, name, (npad, *px), t.dtype, (1, *px), (bt, *px))
     root.attrs.update({
-        "format": STORE_FORMAT, "schema": STORE_SCHEMA, "complete": False,
+        "format": STORE_FORMAT, "schema": STORE_SCHEMA, "complete": False, "labelled": labelled,
         "manifest": {"name": manifest.name, "sha256": manifest.sha256, "text": manifest.text},
         "block_tiles": bt, "provenance": provenance,
     })
@@ -197,11 +205,14 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
     lat = np.zeros(bt)
     valid = np.zeros(bt, bool)
     ref = np.zeros((bt, 3), np.int16)
+    grids = np.full(bt, "", dtype=object)
     for i, tile in tiles.items():
         j = i - lo
         lon[j], lat[j], valid[j], ref[j] = tile.lon, tile.lat, True, tile.ref_date
+        grids[j] = georef.encode_grids(tile.grids)
     # arrays are opened by path: opening their group first would read and parse one more zarr.json each time
-    for name, values in (("lon", lon), ("lat", lat), ("valid", valid), ("ref_date", ref)):
+    for name, values in (("lon", lon), ("lat", lat), ("valid", valid), ("ref_date", ref),
+                         ("grids", grids.astype(str))):
         root[f"tiles/{name}"][sl] = values
     nans: dict[str, int] = {}
     for name, spec in manifest.modalities.items():
@@ -305,7 +316,7 @@ class TileStore:
         if attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.path}: not a maestro tile store (format {attrs.get('format')!r})")
         if attrs.get("schema") != STORE_SCHEMA:
-            hint = " (built before chunk integrity was recorded)" if attrs.get("schema") == 1 else ""
+            hint = _SCHEMA_HINTS.get(attrs.get("schema"), "")
             raise StoreError(f"{self.path}: store schema {attrs.get('schema')}{hint}; this toolkit reads schema "
                              f"{STORE_SCHEMA}: rebuild it with `maestro-data build ... --overwrite`")
         if not attrs.get("complete"):
@@ -315,6 +326,9 @@ class TileStore:
         self._checked_blocks: set[int] = set()
         self._raise_damage(integrity.check(self.path, "plan"))
         self.manifest = parse_manifest(attrs["manifest"]["text"], origin=f"{self.path} (stored manifest)")
+        self.labelled = bool(attrs.get("labelled", True))
+        if not self.labelled:
+            self.manifest = without_targets(self.manifest)
         t = self.root["tiles"]
         self.tile_ids: list[str] = [str(x) for x in t["id"][:]]
         n = len(self.tile_ids)
@@ -399,9 +413,11 @@ class TileStore:
             raise StoreError(f"{self.path}: tile {self.tile_ids[i]!r} was skipped during the build")
         series = {m: self.read_series(i, m) for m in self.manifest.modalities}
         targets = {name: self.read_target(i, name) for name in self.manifest.targets}
+        grids = georef.decode_grids(str(self._read(self.root["tiles/grids"], i, i + 1, i)[0]),
+                                    f"{self.path}: tile {self.tile_ids[i]!r}")
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
-                    series=series, targets=targets)
+                    series=series, targets=targets, grids=grids)
 
     def split_indices(self, split: str) -> np.ndarray:
         """Valid tiles of ``split`` in store order."""
@@ -451,7 +467,8 @@ class TileStore:
                 "tiles": int(self.valid.sum()), "skipped": int((~self.valid).sum()), "splits": splits,
                 "split_origin": origin, "splits_from": origins.describe(origin),
                 "old_split_default": origins.is_old_default(origin),
-                "modalities": mods, "targets": list(self.manifest.targets), "bytes": size,
+                "modalities": mods, "targets": list(self.manifest.targets), "labelled": self.labelled,
+                "bytes": size,
                 "subsets": self.subset_summary()}
 
     def subset_summary(self) -> dict[str, dict[str, object]]:

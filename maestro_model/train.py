@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from maestro_data.manifest import load_manifest
 from maestro_data.shard_read import check_manifest, open_index
 from maestro_data.stream import StreamConfig, StreamLoader, load_table
+from maestro_data.unlabelled import is_labelled
 from maestro_model import schedule
 from maestro_model.checkpoints import load_weights, read_checkpoint, read_state_dict, save_model
 from maestro_model.config import PHASES, RETIRED, TrainConfig
@@ -86,6 +87,9 @@ class Trainer:
         # opened once: every loader reuses it
         self.index, self.index_location = open_index(cfg.data.index, self._stream_options().access_options())
         check_manifest(self.index, self.manifest, self.index_location)
+        if not is_labelled(self.index):
+            raise TrainError(f"{self.index_location}: built with --no-targets (no labels): it can be predicted "
+                             "(maestro-model predict), not trained on")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
         self.threads = cfg.train.threads or torch.get_num_threads()  # intra-op threads :meth:`run` computes with

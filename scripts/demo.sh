@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: from nothing, generate a small dataset in its REAL published layout, build the zarr tile store,
 # its furthest-point-sampled subsets and WebDataset shards, inspect and verify them, then pretrain -> probe ->
-# finetune a tiny model on CPU with `accelerate launch`, print its metrics, and draw a tile and the training curves.
+# finetune a tiny model on CPU with `accelerate launch`, print its metrics, draw a tile and the training curves,
+# then predict the test split to maps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -27,4 +28,7 @@ SHOW=$(maestro-data show "$OUT/flair-hub" "$TILE" --out "$OUT/figures/tile-$TILE
 PLOT=$(maestro-train plot "$OUT/train" --out "$OUT/figures/training.png")
 echo "tile figure: $SHOW"
 echo "training curves: $PLOT"
-echo "demo outputs are in $OUT/ (training run: $OUT/train/)"
+# Maps: the fine-tuned model (EMA) over the test split -> GeoJSON + CSV of tile footprints with per-genus probabilities.
+maestro-model predict --checkpoint "$OUT/train" --index "$OUT/treesatai-ts/shards" --split test --out "$OUT/predict" \
+  --cpu --quiet
+echo "demo outputs are in $OUT/ (training run: $OUT/train/; predictions: $OUT/predict/, open the .geojson in QGIS)"

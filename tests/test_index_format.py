@@ -54,6 +54,8 @@ CASES = [  # (edit of the parsed index, or raw bytes; what the message must say)
     (_set("splits.val.tiers.abc", {}), "tier names that are percentages"),
     (_set("splits.val.samples", 10**6), "field splits.val.samples: 1000000, but its shards hold"),
     (_set("schema", 1), "index schema 1 .* maestro-data reindex"),
+    (_set("schema", 2), "index schema 2 .*georeference.*rebuild the store and shards"),
+    (_set("labelled", "no"), "field labelled: expected true or false"),
     (_set("format", None), "not a maestro shard index"),
     (b"[" * 200_000, "JSON nested too deeply"),
     (b"\xff\xd8\xff\xe0\x00\x10JFIF binary junk", "not valid UTF-8 JSON"),
@@ -88,7 +90,7 @@ def test_a_malformed_index_is_one_error_naming_the_field_everywhere(hostile_root
 
 
 def _sidecar(**change) -> bytes:
-    body = {"format": "maestro-shard-samples", "schema": 2, "shard_sha256": "a" * 64, "samples": 2,
+    body = {"format": "maestro-shard-samples", "schema": 3, "shard_sha256": "a" * 64, "samples": 2,
             "keys": ["k1", "k2"], "tile_ids": ["k1", "k2"], "fields": ["s2", "json"], "layout": [0] * 10}
     body.update(change)
     return json.dumps(body).encode()

@@ -113,6 +113,9 @@ def test_stores_without_integrity_records_are_refused_with_what_to_do(built):
     zarr.open_group(str(store), mode="r+").attrs["schema"] = 1
     with pytest.raises(StoreError, match=r"store schema 1 \(built before chunk integrity was recorded\).*--overwrite"):
         TileStore(store)
+    zarr.open_group(str(store), mode="r+").attrs["schema"] = 2
+    with pytest.raises(StoreError, match=r"store schema 2 \(built before tiles kept their georeference\).*--overwrite"):
+        TileStore(store)
 
 
 def test_info_and_verify_name_absent_paths(tmp_path):
