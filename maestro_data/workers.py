@@ -14,9 +14,11 @@ pool stops its other workers, frees the slots and raises a ``StreamError`` namin
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import traceback
 from collections import deque
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import torch
 
@@ -34,6 +37,7 @@ from maestro_data.errors import MaestroError, StreamError
 from maestro_data.plan import Planner
 from maestro_data.slots import Pinner, SlotLayout, SlotPool
 
+log = logging.getLogger(__name__)
 WATCHDOG_S = 1.0  # an idle worker checks this often that the main process still exists
 
 
@@ -79,13 +83,14 @@ class Block:
             self._pool.give_back(self._slots.popleft())
 
 
-def _describe_exit(code: int | None) -> str:
+def _describe_exit(code: int | None, ring_mb: float) -> str:
     if code is None:
         return "stopped answering"
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        hint = " (the out-of-memory killer sends it)" if -code == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
+        hint = {signal.SIGKILL: " (the out-of-memory killer sends it)",
+                signal.SIGBUS: f" (is /dev/shm full? each worker's batch slots take up to {ring_mb:.0f} MB)"}
+        return f"was killed by {name}{hint.get(-code, '')}"
     return f"exited with status {code}"
 
 
@@ -148,7 +153,14 @@ class WorkerPool:
     def __init__(self, builder: BlockBuilder, planner: Planner, layout: SlotLayout, workers: int, prefetch: int,
                  context: str | None, pinner: Pinner | None = None):
         self.planner, self.prefetch, self.where = planner, prefetch, builder.table.location
-        self.slots = SlotPool(layout, workers, keep=(prefetch + 1) * planner.block_batches + 2, pinner=pinner)
+        keep = (prefetch + 1) * planner.block_batches + 2  # blocks asked for, the one consumed, the batch held
+        self.slots = SlotPool(layout, workers, keep=keep, pinner=pinner)
+        self.ring_mb = keep * layout.nbytes / 2**20
+        shm = Path("/dev/shm")
+        if shm.is_dir() and shutil.disk_usage(shm).free < workers * self.ring_mb * 2**20:
+            log.warning("/dev/shm has %.0f MB free; %d loader workers may need %.0f MB of batch slots (a worker "
+                        "writing past it dies of SIGBUS): enlarge it (docker: --shm-size) or lower block_memory_mb",
+                        shutil.disk_usage(shm).free / 2**20, workers, workers * self.ring_mb)
         ctx = multiprocessing.get_context(context)
         # one resource tracker for the family, started before the workers: a worker whose attach started its own
         # would unlink the main process's segments when it exits
@@ -286,7 +298,7 @@ class WorkerPool:
         proc.join(timeout=1.0)
         pending = self._pending[w]
         doing = f" while building block {pending[0].block} of epoch {pending[0].epoch}" if pending else ""
-        pid, how = proc.pid, _describe_exit(proc.exitcode)
+        pid, how = proc.pid, _describe_exit(proc.exitcode, self.ring_mb)
         self.close()
         raise StreamError(f"{self.where}: loader worker {w} (pid {pid}) {how}{doing}; its other workers were "
                           "stopped and its batch memory freed. Iterating again starts new workers; a trainer "

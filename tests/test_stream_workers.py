@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
+import shutil
 import signal
+from collections import namedtuple
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from streamkit import TREESAT, same_batches
 
 import maestro_data.slots as slots_mod
 import maestro_data.stream as stream_mod
+import maestro_data.workers as workers_mod
+from maestro_data.collate import BatchBuffer
 from maestro_data.errors import StreamError
 from maestro_data.stream import StreamConfig, make_loader
 
@@ -227,3 +232,21 @@ def test_pin_memory_without_cuda_warns_and_keeps_pageable_batches(caplog):
         pytest.skip("a CUDA host pins for real")
     assert pinner is None and "no CUDA device" in caplog.text
     assert slots_mod.make_pinner(False) is None
+
+
+def test_what_a_spawned_worker_receives_pickles_and_a_small_dev_shm_is_announced(mem, monkeypatch, caplog):
+    loader = make_loader(StreamConfig(str(mem), "val", mode="eval", **KW), TREESAT)
+    builder, plan = loader._builder(), loader.plan(0)
+    spec, d4_key = builder.buffer_spec()
+    builder.build(plan, 0, 0, [BatchBuffer(spec, plan.batch_size, d4_key) for _ in range(plan.block_size(0))])
+    assert builder.reader is not None
+    again = pickle.loads(pickle.dumps((builder, loader.planner)))  # what a spawned worker is started with
+    assert again[1].plan(0).slots.tolist() == loader.plan(0).slots.tolist() and again[0].reader is None
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 1 << 20))
+    with caplog.at_level("WARNING", logger="maestro_data.workers"):
+        small = make_loader(StreamConfig(str(mem), "val", mode="eval", num_workers=1, **KW), TREESAT)
+        list(small)
+        small.close()
+    assert "/dev/shm has 1 MB free" in caplog.text and "--shm-size" in caplog.text
+    assert "is /dev/shm full?" in workers_mod._describe_exit(-signal.SIGBUS, 800)
