@@ -300,8 +300,8 @@ class WorkerPool:
         doing = f" while building block {pending[0].block} of epoch {pending[0].epoch}" if pending else ""
         pid, how = proc.pid, _describe_exit(proc.exitcode, self.ring_mb)
         self.close()
-        raise StreamError(f"{self.where}: loader worker {w} (pid {pid}) {how}{doing}; its other workers were "
-                          "stopped and its batch memory freed. Iterating again starts new workers; a trainer "
+        raise StreamError(f"{self.where}: loader worker {w} (pid {pid}) {how}{doing}; the loader stopped its "
+                          "other workers and freed its batch memory. Iterating again starts new workers; a trainer "
                           "resumes from its last checkpoint")
 
     def close(self) -> None:
