@@ -245,13 +245,13 @@ class SampleTransform:
 
 
 class ArrayPool:
-    """Recycles the memory of batch arrays once nothing refers to them any more (the consumer dropped the batch,
-    or the DataLoader moved it to shared memory): writing into fresh pages costs a page fault and a kernel
-    zeroing per page, ~0.1 ms per MB, more than the pixel work of an aerial or DEM raster.
+    """Recycles the memory of batch arrays once nothing refers to them any more (the consumer dropped the batch):
+    writing into fresh pages costs a page fault and a kernel zeroing per page, ~0.1 ms per MB, more than the pixel
+    work of an aerial or DEM raster. (Loader workers recycle shared memory instead: ``slots.SlotPool``.)
 
     ``empty`` hands out a view of a pooled base array; when the view (and every tensor made from it) is gone, a
     finalizer returns the base, so reuse never races a live batch. At most ``keep`` free bases per
-    (shape, dtype) are kept; the pool is not pickled (a worker starts with an empty one)."""
+    (shape, dtype) are kept; the pool is not pickled."""
 
     def __init__(self, keep: int = 16):
         self.keep = keep
@@ -276,22 +276,37 @@ class ArrayPool:
         return {"keep": self.keep, "_free": {}}
 
 
+def batch_shapes(spec: dict[str, tuple[tuple[int, ...], np.dtype]], size: int,
+                 d4_key: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array of a batch of ``size`` rows of ``spec`` (``SampleTransform.output_spec``),
+    with the loader's ``valid``, ``crop_index`` and, when ``d4_key``, ``d4``."""
+    out = {k: ((size, *shape), np.dtype(dtype)) for k, (shape, dtype) in spec.items()}
+    out["valid"] = ((size,), np.dtype(bool))
+    out["crop_index"] = ((size,), np.dtype(np.int64))
+    if d4_key:
+        out["d4"] = ((size,), np.dtype(np.int64))
+    return out
+
+
 class BatchBuffer:
     """Preallocated arrays of one batch; rows are written in place, unused rows are padding (``valid`` False,
     zeros, ``crop_index`` -1, ``d4`` 0) once ``as_dict`` hands the batch over.
 
     The arrays are allocated uninitialised: a filled row writes every element of its row (``SampleTransform``),
     so only the rows left unfilled are zeroed, in ``as_dict`` (zeroing whole batches cost a pass over ~3 MB per
-    FLAIR-HUB row). With a ``pool`` the arrays reuse the memory of released batches."""
+    FLAIR-HUB row). With a ``pool`` the arrays reuse the memory of released batches; ``arrays`` (every key of
+    ``batch_shapes``, e.g. a loader worker's shared-memory slot) are written over whatever they held."""
 
     def __init__(self, spec: dict[str, tuple[tuple[int, ...], np.dtype]], size: int, d4_key: bool,
-                 pool: ArrayPool | None = None):
-        empty = pool.empty if pool is not None else np.empty
-        self.arrays = {k: empty((size, *shape), dtype) for k, (shape, dtype) in spec.items()}
-        self.arrays["valid"] = np.zeros(size, bool)
-        self.arrays["crop_index"] = np.full(size, -1, np.int64)
+                 pool: ArrayPool | None = None, arrays: dict[str, np.ndarray] | None = None):
+        if arrays is None:
+            empty = pool.empty if pool is not None else np.empty
+            arrays = {k: empty(shape, dtype) for k, (shape, dtype) in batch_shapes(spec, size, d4_key).items()}
+        self.arrays = arrays
+        arrays["valid"][...] = False
+        arrays["crop_index"][...] = -1
         if d4_key:
-            self.arrays["d4"] = np.zeros(size, np.int64)
+            arrays["d4"][...] = 0
         self.tile_id = [""] * size
 
     def fill(self, i: int, transform: SampleTransform, sample: dict, crop: int, epoch: int, tile_id: str) -> None:

@@ -4,7 +4,8 @@ order, the equal shares and the blocks): O(shards + this rank's share) time and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -86,9 +87,45 @@ class EpochPlan:
     def num_blocks(self) -> int:
         return math.ceil(self.num_batches / self.block_batches)
 
+    def block_size(self, k: int) -> int:
+        """Batches of block ``k`` (the last block of an epoch may be shorter)."""
+        return min(self.block_batches, self.num_batches - k * self.block_batches)
+
     def block(self, k: int) -> np.ndarray:
         b = self.batch_size * self.block_batches
         slots = self.slots[k * b:(k + 1) * b]
         if self.shuffle:
             slots = slots[permutation(len(slots), self.seed, self.epoch, f"stream/block/{self.rank}/{k}")]
         return slots
+
+
+@dataclass
+class Planner:
+    """One rank's plan of any epoch (picklable: a loader worker plans the epochs it is asked for itself, so only
+    epoch numbers cross the process boundary). The two most recent plans are kept: the epoch being read and the
+    next one, planned ahead."""
+
+    table: ShardTable
+    repeats: int
+    seed: int
+    world: int
+    rank: int
+    batch_size: int
+    block_batches: int
+    train: bool
+    pad_policy: str
+    _plans: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        plan = self._plans.get(epoch)
+        if plan is None:
+            order = epoch_order(self.table, self.repeats, self.seed, epoch, shuffle=self.train)
+            slots = rank_slots(order, self.world, self.rank, self.batch_size, self.train, self.pad_policy,
+                               where=self.table.location)
+            plan = EpochPlan(slots, self.batch_size, self.block_batches, self.seed, epoch, self.rank,
+                             shuffle=self.train)
+            self._plans[epoch] = plan
+            while len(self._plans) > 2:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(epoch)
+        return plan

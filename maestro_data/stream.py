@@ -22,11 +22,17 @@ as fit ``block_memory_mb`` of batch arrays, e.g. ~70 FLAIR-HUB tiles, ~1500 PAST
 across blocks comes from the per-epoch shard order. This is the trade-off between a global shuffle (random reads)
 and a pure buffer shuffle (order depends on worker count). Eval: canonical order, no shuffle.
 
-**Workers.** Worker ``w`` of ``W`` builds blocks ``w, w+W, ...`` and hands each over as ONE DataLoader item; the
-DataLoader's round-robin then returns blocks in order, so the sequence of batches of a rank is the same with 0, 1
-or any number of workers, and a worker reads only the shards of its blocks. Per-element randomness (crop, temporal
-offset and steps, D4) comes from ``randomness.sample_rng(seed, epoch, key, purpose:crop)``: the same sample gets
-the same augmentation whatever the ranks and workers. Batch order depends on the world size (not elastic).
+**Workers.** With ``num_workers`` W > 0, W processes (``workers.py``) are started at the first iteration and live
+until ``close()`` (or the loader's garbage collection, or a dead worker): epochs do not restart them. Block ``k``
+is built by worker ``k % W`` and the main process yields blocks in order, so the sequence of batches of a rank is
+the same with 0, 1 or any number of workers, and a worker reads only the shards of its blocks. Only epoch numbers
+and slot ids cross the pipe: a worker plans an epoch itself (``plan.Planner``). Once every block of an epoch has
+been asked for, the workers go on with the first blocks of epoch + 1, so ``set_epoch(epoch + 1)`` finds its first
+batch built; another epoch or resume point drops them. Per-element randomness (crop, temporal offset and steps,
+D4) comes from ``randomness.sample_rng(seed, epoch, key, purpose:crop)``: the same sample gets the same
+augmentation whatever the ranks and workers. Batch order depends on the world size (not elastic). A worker that
+dies (killed, out of memory) raises a ``StreamError`` naming it at the next batch; the other workers are
+stopped, and the next iteration (e.g. after ``load_state_dict``) starts new ones.
 
 **Equal batches.** Train, ``pad_policy="pad"`` (default): the share is ``ceil(E / (world·B))·B`` elements, and the
 positions past E wrap to the start of the epoch's stream order (fewer than world·B repeated elements, identical
@@ -42,8 +48,14 @@ failures are retried ``retries`` times with exponential backoff and jitter (``ti
 the error names the shard, the sample and the last cause; with ``cache_dir`` every remote shard and sidecar is
 fetched once per node, verified against the index's sha256 and kept (LRU within ``cache_limit_gb``).
 
-**Memory.** A worker holds one decoded tile, the batch arrays of the block it builds and at most
-``prefetch_factor`` finished blocks: about (1 + prefetch_factor) × ``block_memory_mb`` plus one tile.
+**Memory.** A batch stays valid until released: the consumer holds no reference to it or to a tensor made from
+it (then its memory is reused). In-process, batch arrays are recycled (``collate.ArrayPool``). With workers, every
+batch lives in a shared-memory *slot* (``slots.py``) created once by the main process and reused: a worker writes
+the block into slots named in its request, the consumer receives tensors that view the slot (no copy), and a
+released slot goes back to its worker. Each worker's ring holds ``(prefetch_factor + 1) × block`` batches plus
+two (~0.8 GB of FLAIR-HUB batches at the defaults); a consumer that holds more batches at once gets extra slots,
+unlinked again when released. ``pin_memory`` (CUDA) page-locks each slot once. A worker holds one decoded tile
+and the pages of its ring; only the main process creates and unlinks segments, so a killed worker leaks none.
 
 **Resume.** ``state_dict()`` is {epoch, batches consumed} (+ checks); a loader given it yields exactly the remaining
 batches of that epoch (skipped blocks are not read). Same world size and batch size required. ``set_epoch(e)`` with
@@ -59,27 +71,39 @@ int8). Always move batches with ``to_model_batch``: its output follows ``batch.c
 **Accelerate / DDP.** Every rank builds its own loader (rank and world size default to torch.distributed) and
 moves batches with ``device.to_model_batch(batch, manifest, accelerator.device)``. Do NOT pass the loader to
 ``accelerator.prepare`` expecting sharding: it is not a DataLoader, so ``prepare`` returns it untouched, and
-``dispatch_batches`` must stay False/unused (rank 0 must not read for everybody). Workers are started per epoch.
+``dispatch_batches`` must stay False/unused (rank 0 must not read for everybody). Call ``close()`` when a loader
+is done (the trainer closes its loaders at the end of each phase and evaluation loaders after each pass).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from maestro_data.blocks import BlockBuilder
 from maestro_data.cache import Access
-from maestro_data.collate import ArrayPool, BatchBuffer, SampleTransform, TransformOptions, option_problems
+from maestro_data.collate import (
+    ArrayPool,
+    BatchBuffer,
+    SampleTransform,
+    TransformOptions,
+    batch_shapes,
+    option_problems,
+)
 from maestro_data.device import to_model_batch, to_tensors
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest
-from maestro_data.plan import EpochOrder, EpochPlan, epoch_order, rank_slots, stream_order
+from maestro_data.plan import EpochOrder, EpochPlan, Planner, epoch_order, rank_slots, stream_order
 from maestro_data.remote import AccessOptions
 from maestro_data.shard_read import check_manifest, open_index, stored_manifest
-from maestro_data.shards import tile_id_of
-from maestro_data.stream_read import ShardReader, ShardTable, load_table
+from maestro_data.slots import SlotLayout, make_pinner
+from maestro_data.stream_read import ShardTable, load_table
+from maestro_data.workers import Block, WorkerPool
 
 __all__ = ["StreamConfig", "StreamLoader", "EpochPlan", "make_loader", "to_model_batch", "stream_order",
            "rank_slots", "ShardTable", "load_table", "EpochOrder", "epoch_order"]
@@ -105,9 +129,9 @@ class StreamConfig:
     block_samples: int | None = None  # shuffle window in elements (rounded down to whole batches)
     block_memory_mb: float = 256.0  # sizes the block when block_samples is None
     check_samples: bool = True  # shapes/dtypes of every decoded sample against the manifest
-    pin_memory: bool = False
-    prefetch_factor: int = 2
-    mp_context: str | None = None  # DataLoader multiprocessing context (None: the platform default)
+    pin_memory: bool = False  # CUDA hosts: each worker slot page-locked once (workers only; see Memory)
+    prefetch_factor: int = 2  # blocks asked of each worker ahead of the one being consumed
+    mp_context: str | None = None  # multiprocessing context of the workers (None: the platform default)
     retries: int = 5  # per remote read, after the first attempt (transient failures only)
     timeout_s: float = 60.0  # per connect and per socket read of a remote request
     backoff_s: float = 0.5  # first wait before a retry (doubling, at most 30 s, full jitter)
@@ -154,72 +178,26 @@ def _check_config(c: StreamConfig, manifest: Manifest) -> None:
         raise StreamError(f"{c.index}: invalid stream configuration: " + "; ".join(problems))
 
 
-@dataclass
-class _EpochJob:
-    """Everything a worker needs to build its blocks of one epoch (picklable; no open files)."""
+class _LocalBlock:
+    """A block built in the loader's own process (``num_workers=0``): its batches, handed over one by one."""
 
-    plan: EpochPlan
-    table: ShardTable
-    manifest: Manifest
-    transform: SampleTransform
-    skip_batches: int
-    on_error: str
-    check_samples: bool
-    access: Access
-    pool: ArrayPool | None = field(default=None, repr=False)
-    reader: ShardReader | None = field(default=None, repr=False)
+    def __init__(self, batches: list[dict], skipped: list[dict]):
+        self._batches, self.skipped = deque(batches), skipped
 
-    def blocks(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
-        first = self.skip_batches // self.plan.block_batches
-        for k in range(first + worker, self.plan.num_blocks, workers):
-            yield self.build(k, self.skip_batches - k * self.plan.block_batches if k == first else 0)
+    def __len__(self) -> int:
+        return len(self._batches)
 
-    def build(self, k: int, skip: int) -> dict:
-        """Block ``k`` without its first ``skip`` batches: {"block", "batches", "skipped"}."""
-        if self.reader is None:
-            self.reader = ShardReader(self.table, self.manifest if self.check_samples else None, self.access)
-        b = self.plan.batch_size
-        slots = self.plan.block(k)[skip * b:]
-        spec = self.transform.output_spec()
-        d4_key = self.transform.options.d4_on_device
-        buffers = [BatchBuffer(spec, b, d4_key, self.pool) for _ in range(len(slots) // b)]
-        repeats = self.transform.repeats
-        need: dict[int, list[tuple[int, int]]] = {}
-        for row, e in enumerate(slots.tolist()):
-            if e >= 0:
-                need.setdefault(e // repeats, []).append((row, e % repeats))
-        skipped = []
-        for tile, key, sample, error in self.reader.read(sorted(need)):
-            # a sample whose shard's sidecar could not be read is named by its position in the shard
-            tile_id = tile_id_of(key) if key else f"{self.table.url_of(tile)}#{self.table.position_of(tile)}"
-            if error is None:
-                try:
-                    for row, crop in need[tile]:
-                        buffers[row // b].fill(row % b, self.transform, sample, crop, self.plan.epoch, tile_id)
-                    continue
-                except (MaestroError, ValueError, IndexError, KeyError) as exc:
-                    error = f"{self.table.url_of(tile)}: sample {key!r} (tile {tile_id!r}): {exc}"
-            if self.on_error == "raise":
-                raise StreamError(error)
-            for row, crop in need[tile]:
-                buffers[row // b].arrays["valid"][row % b] = False
-                buffers[row // b].arrays["crop_index"][row % b] = -1
-                skipped.append({"tile_id": tile_id, "crop": crop, "reason": error})
-        return {"block": k, "batches": [to_tensors(buf.as_dict()) for buf in buffers], "skipped": skipped}
+    def take(self) -> dict:
+        return self._batches.popleft()
 
-
-class _BlockDataset(torch.utils.data.IterableDataset):
-    def __init__(self, job: _EpochJob):
-        self.job = job
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        return self.job.blocks(info.id, info.num_workers) if info else self.job.blocks()
+    def abandon(self) -> None:
+        self._batches.clear()
 
 
 class StreamLoader:
     """Iterable of batch dicts (``maestro_data/batch.py`` contract + ``valid`` bool [B], ``crop_index`` int64 [B],
-    ``<mod>_missing`` bool [B]) for one rank; ``len()`` is equal on every rank."""
+    ``<mod>_missing`` bool [B]) for one rank; ``len()`` is equal on every rank. A batch stays valid until released
+    (no reference left to it or to a tensor made from it); ``close()`` stops the worker processes."""
 
     def __init__(self, config: StreamConfig, manifest: Manifest, table: ShardTable, rank: int, world_size: int):
         self.config, self.manifest, self.table = config, manifest, table
@@ -227,14 +205,17 @@ class StreamLoader:
         self.transform = SampleTransform(manifest, config.transform_options())
         window = config.block_samples or int(config.block_memory_mb * 2**20 // self.transform.row_bytes())
         self.block_batches = max(1, window // config.batch_size)
+        self.planner = Planner(table, self.transform.repeats, config.seed, world_size, rank, config.batch_size,
+                               self.block_batches, config.mode == "train", config.pad_policy)
         self.epoch = 0
         self.skipped: list[dict] = []
         # batch memory recycled across blocks and epochs of this process (a block and the batch held by the
         # consumer are in use while the next block is built)
         self._pool = ArrayPool(keep=self.block_batches + 2)
+        self._workers: WorkerPool | None = None
+        self._stop_workers: weakref.finalize | None = None
         self._resume_at = 0
         self._consumed = 0
-        self._plan: EpochPlan | None = None
         self.plan(0)  # refuses a world size larger than the epoch now, not at the first batch
 
     @property
@@ -243,14 +224,7 @@ class StreamLoader:
         return self.table.num_tiles * self.transform.repeats
 
     def plan(self, epoch: int) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != epoch:
-            train = self.config.mode == "train"
-            order = epoch_order(self.table, self.transform.repeats, self.config.seed, epoch, shuffle=train)
-            slots = rank_slots(order, self.world_size, self.rank, self.config.batch_size, train,
-                               self.config.pad_policy, where=self.table.location)
-            self._plan = EpochPlan(slots, self.config.batch_size, self.block_batches, self.config.seed, epoch,
-                                   self.rank, shuffle=train)
-        return self._plan
+        return self.planner.plan(epoch)
 
     def __len__(self) -> int:
         return self.plan(self.epoch).num_batches
@@ -275,27 +249,60 @@ class StreamLoader:
                               + ", ".join(f"{k} (saved {a}, now {b})" for k, (a, b) in wrong.items()))
         self._resume_at = self._consumed = int(state["batches_consumed"])
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (empty before the first iteration, after ``close`` or without)."""
+        return self._workers.pids if self._workers is not None and not self._workers.closed else []
+
+    def close(self) -> None:
+        """Stop the workers and free their batch memory; batches still held stay valid until released. The next
+        iteration starts new workers. Also done when the loader is garbage-collected or the interpreter exits."""
+        if self._stop_workers is not None:
+            self._stop_workers()
+        self._workers = self._stop_workers = None
+
+    def _builder(self) -> BlockBuilder:
+        c = self.config
+        return BlockBuilder(self.table, self.manifest, self.transform, c.on_error, c.check_samples, c.access())
+
+    def _local_blocks(self, epoch: int, start: int) -> Iterator[_LocalBlock]:
+        plan = self.plan(epoch)
+        builder = self._builder()  # one per iteration: two live iterators never share a read buffer
+        spec, d4_key = builder.buffer_spec()
+        first = start // plan.block_batches
+        for k in range(first, plan.num_blocks):
+            skip = start - k * plan.block_batches if k == first else 0
+            buffers = [BatchBuffer(spec, plan.batch_size, d4_key, self._pool) for _ in range(plan.block_size(k) - skip)]
+            skipped = builder.build(plan, k, skip, buffers)
+            yield _LocalBlock([to_tensors(b.as_dict()) for b in buffers], [s for batch in skipped for s in batch])
+
+    def _worker_blocks(self, epoch: int, start: int) -> Iterator[Block]:
+        if self._workers is None or self._workers.closed:
+            self.close()
+            c = self.config
+            builder = self._builder()
+            spec, d4_key = builder.buffer_spec()
+            layout = SlotLayout.of(batch_shapes(spec, c.batch_size, d4_key))
+            self._workers = WorkerPool(builder, self.planner, layout, c.num_workers, c.prefetch_factor,
+                                       c.mp_context, make_pinner(c.pin_memory))
+            self._stop_workers = weakref.finalize(self, self._workers.close)
+        return self._workers.blocks(epoch, start)
+
     def __iter__(self) -> Iterator[dict]:
-        job = _EpochJob(self.plan(self.epoch), self.table, self.manifest, self.transform, self._resume_at,
-                        self.config.on_error, self.config.check_samples, self.config.access(), self._pool)
-        self._consumed, self._resume_at = self._resume_at, 0
+        start, self._resume_at = self._resume_at, 0
+        self._consumed = start
         self.skipped = []
-        if self.config.num_workers == 0:
-            items: Iterator[dict] = job.blocks()
-        else:
-            items = iter(torch.utils.data.DataLoader(
-                _BlockDataset(job), batch_size=None, num_workers=self.config.num_workers,
-                pin_memory=self.config.pin_memory, prefetch_factor=self.config.prefetch_factor,
-                multiprocessing_context=self.config.mp_context))
-        for item in items:
-            for s in item["skipped"]:
+        blocks = (self._local_blocks if self.config.num_workers == 0 else self._worker_blocks)(self.epoch, start)
+        for block in blocks:
+            for s in block.skipped:
                 log.warning("skipped %s crop %s: %s", s["tile_id"], s["crop"], s["reason"])
-            self.skipped.extend(item["skipped"])
-            batches = item.pop("batches")
-            del item
-            while batches:  # handed over one by one: a batch the consumer dropped can be recycled by the pool
-                self._consumed += 1
-                yield batches.pop(0)
+            self.skipped.extend(block.skipped)
+            try:
+                while len(block):  # handed over one by one, never kept here: a released batch is recycled
+                    self._consumed += 1
+                    yield block.take()
+            finally:
+                block.abandon()
 
 
 def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

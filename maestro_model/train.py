@@ -92,6 +92,7 @@ class Trainer:
                              "(maestro-model predict), not trained on")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
+        self.loaders: list[StreamLoader] = []  # this phase's loaders: their worker processes stop with the phase
         self.threads = cfg.train.threads or torch.get_num_threads()  # intra-op threads :meth:`run` computes with
         m = cfg.model
         with torch.random.fork_rng(devices=[]):  # identical initial weights on every rank, global RNG untouched
@@ -234,6 +235,7 @@ class Trainer:
         sc = replace(self._stream_options(), split=split, mode=mode, subset=subset, batch_size=batch_size)
         table = load_table(self.index, self.index_location, self.manifest, split, subset)
         loader = StreamLoader(sc, self.manifest, table, self.rank, self.world)
+        self.loaders.append(loader)
         if mode == "eval" and batch_size > loader.num_samples // self.world:
             raise TrainError(f"{split}: batch size {batch_size} per device exceeds a rank's share of the evaluation "
                              f"set ({loader.num_samples} samples / {self.world} processes); lower the batch size")
@@ -257,7 +259,12 @@ class Trainer:
                 continue
             progress = start if start is not None and start.phase == phase else Progress(phase)
             start = None
-            results[phase] = run_phase(self, progress)
+            try:
+                results[phase] = run_phase(self, progress)
+            finally:  # a failed phase too: no worker process or shared batch memory outlives it
+                for loader in self.loaders:
+                    loader.close()
+                self.loaders.clear()
             folder = self._export(phase)
             if self.acc.is_main_process:
                 (folder / "metrics.json").write_text(json.dumps(results[phase], indent=1, sort_keys=True))

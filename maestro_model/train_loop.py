@@ -214,6 +214,8 @@ def run_phase(tr, progress: Progress) -> dict:
                 os._exit(EXIT_PREEMPTED)  # like a kill: no cleanup, no final checkpoint
         bar.close()
         elapsed = max(time.perf_counter() - t0, 1e-9)
+        if epoch + 1 == pc.epochs:
+            loader.close()  # its workers would otherwise build blocks of an epoch that never comes
         record = {"epoch": epoch + 1, "train_loss": loss_sum / n, "samples_per_s": seen / elapsed}
         if tr.ema is not None:
             tr.ema.update(tr.raw, alpha)
@@ -267,6 +269,7 @@ def evaluate(tr, phase: str, split: str, loader: StreamLoader) -> dict[str, floa
                     counters[name].update(out.float(), inputs[name])
             sums += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=acc.device)
     tr.raw.train()
+    loader.close()  # its workers would idle through a training epoch holding their batch memory
     sums = acc.reduce(sums, "sum")
     if int(sums[1]) != loader.num_samples:
         raise TrainError(f"{split}: evaluated {int(sums[1])} samples across ranks, the split has "

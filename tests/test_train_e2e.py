@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,34 @@ def test_resume_at_an_epoch_end_keeps_history_and_weights(resumed, tmp_path):
             json.dumps(_speedless(full / phase / "metrics.json"), sort_keys=True), phase
     wa, wb = load_file(full / "finetune" / "model.safetensors"), load_file(tmp_path / "finetune" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_killed_loader_worker_stops_training_with_its_name_and_the_resume_is_exact(resumed, tmp_path, monkeypatch):
+    from maestro_data.errors import StreamError
+    from maestro_model import train as train_module
+
+    out, sets = tmp_path / "run", {**resumed["sets"], "data.num_workers": 1}
+    made, seen = [], []
+    real_loader, real_inputs = train_module.Trainer.loader, train_loop.model_inputs
+    monkeypatch.setattr(train_module.Trainer, "loader", lambda tr, *a: made.append(real_loader(tr, *a)) or made[-1])
+
+    def killing(batch, manifest, device, keep=None):
+        seen.append(keep is None)
+        if seen.count(True) == 2 and keep is None:  # mid-epoch 0 of pre-training, its worker building epoch 1
+            os.kill(made[0].worker_pids[0], signal.SIGKILL)
+        return real_inputs(batch, manifest, device, keep)
+
+    monkeypatch.setattr(train_loop, "model_inputs", killing)
+    with pytest.raises(StreamError, match=r"loader worker 0 \(pid \d+\) was killed by SIGKILL"):
+        train(load_config(DEMO, _overrides(resumed["shards"], out, **sets)))
+    assert all(loader.worker_pids == [] for loader in made)  # the failed phase closed every loader
+    monkeypatch.undo()
+    train(load_config(DEMO, _overrides(resumed["shards"], out, **sets, **{"train.resume": "auto"})))
+    steps = lambda d: _last_per_key(_jsonl(d / "steps.jsonl"), lambda r: (r["phase"], r["step"]))  # noqa: E731
+    assert steps(out) == steps(resumed["full"])  # every loss and learning rate, bit for bit
+    for phase in ("pretrain", "finetune"):
+        wa, wb = (load_file(d / phase / "model.safetensors") for d in (resumed["full"], out))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), phase
 
 
 def test_resume_with_another_thread_count_warns(resumed, caplog):
