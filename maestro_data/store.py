@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec
 from maestro_data import integrity
 from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
+from maestro_data.location import Location, resolve_store
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
 from maestro_data.tile import Series, Tile
 
@@ -129,9 +130,12 @@ def _create(group: zarr.Group, name: str, shape: tuple, dtype, chunks: tuple, sh
                               fill_value=fill_value, config={"write_empty_chunks": False}, overwrite=True)
 
 
-def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: dict) -> zarr.Group:
-    """Create every array and write the planner's part (tile table, offsets). The plan digest is written last."""
-    root = zarr.open_group(str(path), mode="w")
+def create_store(path: Path | Location, manifest: Manifest, plan: StorePlan, provenance: dict) -> zarr.Group:
+    """Create every array and write the planner's part (tile table, offsets). The plan digest is written last.
+
+    ``path`` is a local folder or a Location (any fsspec url: the store is written through zarr's FsspecStore)."""
+    loc = Location.of(path)
+    root = zarr.open_group(store=loc.zarr_store(), mode="w")
     n, bt = plan.num_tiles, plan.block_tiles
     npad = plan.num_blocks * bt
     tiles = root.create_group("tiles")
@@ -169,7 +173,7 @@ def create_store(path: Path, manifest: Manifest, plan: StorePlan, provenance: di
         "manifest": {"name": manifest.name, "sha256": manifest.sha256, "text": manifest.text},
         "block_tiles": bt, "provenance": provenance,
     })
-    integrity.record_plan(Path(path), manifest)
+    integrity.record_plan(loc, manifest)
     root.attrs["plan_sha256"] = plan.digest()
     return root
 
@@ -255,10 +259,11 @@ def _dense(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
-def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],
+def write_subsets(path: str | Path | Location, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],
                   method: str) -> None:
     """Store per-split nested subsets: ``order`` lists tile indices so that subset p is ``order[:counts[p]]``."""
-    root = zarr.open_group(str(_store_path(path)), mode="r+")
+    loc = resolve_store(path)
+    root = zarr.open_group(store=loc.zarr_store(), mode="r+")
     group = root.require_group("subsets")
     for split, order in orders.items():
         g = group.require_group(split)
@@ -266,7 +271,7 @@ def write_subsets(path: str | Path, orders: dict[str, np.ndarray], counts: dict[
         if len(order):
             arr[:] = np.asarray(order, dtype=np.int64)
         g.attrs.update({"counts": {str(p): int(c) for p, c in counts[split].items()}, "method": method})
-    integrity.record_subsets(_store_path(path), list(orders))
+    integrity.record_subsets(loc, list(orders))
 
 
 def tree_bytes(path: Path) -> int:
@@ -279,28 +284,26 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def is_store(path: str | Path) -> bool:
-    """A local tile store folder (``<out>`` or ``<out>/store.zarr``), as opposed to a shard index."""
-    return "://" not in str(path) and (_store_path(path) / "zarr.json").is_file()
-
-
-def _store_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path / "store.zarr" if (path / "store.zarr").is_dir() else path
+def is_store(path: str | Path | Location) -> bool:
+    """A tile store (``<out>`` or ``<out>/store.zarr``, local or at a url), as opposed to a shard index."""
+    return resolve_store(path).size("zarr.json") is not None
 
 
 class TileStore:
     """Read access to a complete store: the tile table, the manifest it was built with, and one tile at a time."""
 
-    def __init__(self, path: str | Path):
-        self.path = _store_path(path)
-        if not Path(path).exists():
+    def __init__(self, path: str | Path | Location):
+        given = Location.of(path)
+        if given.is_local and not given.path.exists():
             raise StoreError(f"{path}: does not exist")
-        if not Path(path).is_dir():
+        if given.is_local and not given.path.is_dir():
             raise StoreError(f"{path}: is a file, not a tile store folder")
-        if not (self.path / "zarr.json").is_file():
+        self.location = resolve_store(given)
+        # a local store keeps a Path (messages and callers join it); a remote one is named by its url
+        self.path: Path | str = self.location.path if self.location.is_local else self.location.url
+        if self.location.size("zarr.json") is None:
             raise StoreError(f"{self.path}: not a tile store (no zarr.json); build one with `maestro-data build`")
-        self.root = zarr.open_group(str(self.path), mode="r")
+        self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
         attrs = dict(self.root.attrs)
         if attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.path}: not a maestro tile store (format {attrs.get('format')!r})")
@@ -313,7 +316,7 @@ class TileStore:
         self.attrs = attrs
         self.block_tiles = int(attrs["block_tiles"])
         self._checked_blocks: set[int] = set()
-        self._raise_damage(integrity.check(self.path, "plan"))
+        self._raise_damage(integrity.check(self.location, "plan"))
         self.manifest = parse_manifest(attrs["manifest"]["text"], origin=f"{self.path} (stored manifest)")
         t = self.root["tiles"]
         self.tile_ids: list[str] = [str(x) for x in t["id"][:]]
@@ -351,7 +354,7 @@ class TileStore:
                 tiles = f" (tiles {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})"
             elif d.part == "plan":
                 tiles = " (the tile table: every tile)"
-            lines.append(d.describe(self.path) + tiles)
+            lines.append(d.describe(self.location) + tiles)
         return lines
 
     def _raise_damage(self, damage: list[integrity.Damage]) -> None:
@@ -364,14 +367,15 @@ class TileStore:
     def _check_block(self, i: int) -> None:
         block = i // self.block_tiles
         if block not in self._checked_blocks:
-            self._raise_damage(integrity.check(self.path, f"block-{block}"))
+            self._raise_damage(integrity.check(self.location, f"block-{block}"))
             self._checked_blocks.add(block)
 
     def verify(self, full: bool = False) -> list[str]:
         """Every recorded file present with its size (``full``: and its sha256): one line per damaged file."""
         blocks = -(-len(self.tile_ids) // self.block_tiles) or 1
-        damage = [d for part in integrity.parts(self.path, blocks, "subsets" in self.root)
-                  for d in integrity.check(self.path, part, full=full)]
+        parts = integrity.parts(blocks, "subsets" in self.root)
+        found = integrity.check_parts(self.location, parts, full=full)
+        damage = [d for part in parts for d in found[part]]
         return self._describe(damage)
 
     def _read(self, arr: zarr.Array, a: int, b: int, i: int) -> np.ndarray:
@@ -441,7 +445,7 @@ class TileStore:
                 "dates_max": int(cnt.max()) if cnt.size else 0, "steps_total": int(cnt.sum()),
                 "cloud_mask": spec.cloud_mask is not None,
             }
-        size = tree_bytes(self.path)
+        size = self.location.tree_bytes()
         origin = self.split_origin()
         return {"path": str(self.path), "dataset": self.manifest.name, "manifest_sha256": self.manifest.sha256,
                 "tiles": int(self.valid.sum()), "skipped": int((~self.valid).sum()), "splits": splits,
