@@ -95,7 +95,9 @@ def _convert_block(stage: _Stage, item: tuple[int, list[TileRef]]) -> dict:
     """Read the block's tiles, write its shards, record them, then mark the block done (in that order)."""
     block, refs = item
     plan = stage.plan
-    root = worker_cache(stage.token, lambda: zarr.open_group(store=stage.store.zarr_store(), mode="r+"))
+    # the group writes through a RecordingStore: the block's record needs no read-back of what it wrote
+    root = worker_cache(stage.token, lambda: zarr.open_group(
+        store=integrity.RecordingStore(stage.store.zarr_store()), mode="r+", zarr_format=3))
     first = plan.block_range(block).start
     tiles, skipped = {}, []
     with rasterio.Env(**GDAL_READ_OPTIONS):  # the readers' GDAL settings for every raster of the block
@@ -107,7 +109,8 @@ def _convert_block(stage: _Stage, item: tuple[int, list[TileRef]]) -> dict:
                     raise
                 skipped.append({"tile_id": refs[i - first].tile_id, "stage": "read", "reason": str(exc)})
     nans = write_block(root, stage.source.manifest, plan, block, tiles)
-    integrity.record_block(stage.store, stage.source.manifest, block)  # before the marker: a marked block is recorded
+    written = root.store.take(integrity.block_keys(stage.source.manifest, block))
+    integrity.record_block(stage.store, stage.source.manifest, block, written)  # before the marker
     marker = {"block": block, "tiles": len(tiles), "skipped": skipped, "nan_values": nans}
     stage.out.write_bytes(f"{MARKERS}/{block:07d}.json", _json(marker))
     return marker
@@ -129,7 +132,7 @@ def _prepare_output(out: Location, options: BuildOptions) -> None:
 def _existing_plan_matches(store: Location, manifest: Manifest, plan: StorePlan) -> bool:
     if store.size("zarr.json") is None:
         return False
-    attrs = dict(zarr.open_group(store=store.zarr_store(read_only=True), mode="r").attrs)
+    attrs = dict(zarr.open_group(store=store.zarr_store(read_only=True), mode="r", zarr_format=3).attrs)
     if "plan_sha256" not in attrs:
         return False  # killed while the planner was creating arrays: start the store again
     if attrs.get("manifest", {}).get("sha256") != manifest.sha256 or attrs["plan_sha256"] != plan.digest():
@@ -251,7 +254,7 @@ def _commit(out: Location, src: Path, manifest: Manifest, plan: StorePlan, skipp
         "seconds": round(seconds, 3), "blocks": plan.num_blocks,
         "splits": split_origin, "splits_from": describe_split_origin(split_origin),
     }
-    root = zarr.open_group(store=store.zarr_store(), mode="r+")
+    root = zarr.open_group(store=store.zarr_store(), mode="r+", zarr_format=3)
     root.attrs["complete"] = True
     out.write_bytes("report.json", _json(report))
     return report

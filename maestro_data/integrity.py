@@ -11,10 +11,13 @@ The store may be local or any fsspec url (``location.Location``): sizes and chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from zarr.storage import WrapperStore
 
 from maestro_data.location import Location
 from maestro_data.manifest import Manifest
@@ -51,21 +54,64 @@ def _part_key(part: str) -> str:
     return f"{INTEGRITY_DIR}/{part}.json"
 
 
+_GROUPS_MADE: set[str] = set()  # per process: stores whose record folder is known to exist
+
+
 def _ensure_group(store: Location) -> None:
     """The record folder is an (empty) zarr group, so that zarr's hierarchy walks accept it."""
     key = f"{INTEGRITY_DIR}/zarr.json"
+    if store.url in _GROUPS_MADE:
+        return
     if store.size(key) is None:
         store.write_bytes(key, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
             "about": "chunk integrity records (maestro_data.integrity)"}}).encode())
+    _GROUPS_MADE.add(store.url)
 
 
-def record(store: Location | Path, part: str, keys: list[str]) -> dict[str, list]:
+class RecordingStore(WrapperStore):
+    """A zarr store that remembers the size and sha256 of every object written through it, so that a writer
+    records its chunks without reading them back (from an object store that would be a second transfer of every
+    byte). An object zarr deletes (a chunk of fill values only) is forgotten."""
+
+    def __init__(self, store, written: dict[str, list] | None = None):
+        super().__init__(store)
+        self.written: dict[str, list] = {} if written is None else written
+
+    def _with_store(self, store):
+        return type(self)(store, self.written)
+
+    async def set(self, key: str, value) -> None:
+        data = value.to_bytes()
+        await self._store.set(key, value)
+        self.written[key] = [len(data), hashlib.sha256(data).hexdigest()]
+
+    async def _set_many(self, values) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        self.written.pop(key, None)
+
+    def take(self, keys: list[str]) -> dict[str, list]:
+        """What was written to ``keys`` (removed from memory: a block is recorded once)."""
+        return {k: self.written.pop(k) for k in keys if k in self.written}
+
+
+def record(store: Location | Path, part: str, keys: list[str], written: dict[str, list] | None = None,
+           ) -> dict[str, list]:
     """Size and sha256 of every file of ``keys`` that exists, written atomically as the record of ``part``.
 
-    The files are read back through the store's filesystem (a local file, or an object of the bucket)."""
+    ``written`` holds what a RecordingStore saw the writer write: the keys it did not see were not written (a
+    part's keys are its writer's alone). Without it every key is read back through the store's filesystem (a local
+    file, or an object of the bucket)."""
     store = Location.of(store)
     files = {}
     for key in keys:
+        if written is not None:
+            if key in written:
+                files[key] = written[key]
+            continue
         size = store.size(key)
         if size is not None:
             files[key] = [size, store.sha256(key)]
@@ -74,16 +120,21 @@ def record(store: Location | Path, part: str, keys: list[str]) -> dict[str, list
     return files
 
 
-def record_plan(store: Location | Path, manifest: Manifest) -> None:
-    record(store, "plan", [chunk_key(a, 0, n) for a, n in planner_arrays(manifest)])
+def record_plan(store: Location | Path, manifest: Manifest, written: dict[str, list] | None = None) -> None:
+    record(store, "plan", [chunk_key(a, 0, n) for a, n in planner_arrays(manifest)], written)
 
 
-def record_block(store: Location | Path, manifest: Manifest, block: int) -> None:
-    record(store, f"block-{block}", [chunk_key(a, block, n) for a, n in block_arrays(manifest)])
+def block_keys(manifest: Manifest, block: int) -> list[str]:
+    return [chunk_key(a, block, n) for a, n in block_arrays(manifest)]
 
 
-def record_subsets(store: Location | Path, splits: list[str]) -> None:
-    record(store, "subsets", [chunk_key(f"subsets/{s}/order", 0, 1) for s in splits])
+def record_block(store: Location | Path, manifest: Manifest, block: int,
+                 written: dict[str, list] | None = None) -> None:
+    record(store, f"block-{block}", block_keys(manifest, block), written)
+
+
+def record_subsets(store: Location | Path, splits: list[str], written: dict[str, list] | None = None) -> None:
+    record(store, "subsets", [chunk_key(f"subsets/{s}/order", 0, 1) for s in splits], written)
 
 
 @dataclass(frozen=True)
@@ -113,6 +164,8 @@ def check(store: Location | Path, part: str, *, full: bool = False, sizes: dict[
                                   "write was interrupted)")]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [Damage(part, key, f"unreadable integrity record ({exc})")]
+    if sizes is None and not store.is_local:
+        sizes = store.sizes_of(list(files))  # concurrent requests rather than one round trip per file
     out = []
     for name, (size, digest) in files.items():
         actual = sizes.get(name) if sizes is not None else store.size(name)

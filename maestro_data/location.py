@@ -14,6 +14,7 @@ process from (url, options), never pickled: fsspec caches one instance per proce
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -130,6 +131,15 @@ class Location:
         fs, p = self._remote(rel)
         fs.pipe_file(p, data)
 
+    def write_many(self, objects: dict[str, bytes]) -> None:
+        """Several files, each whole or absent (remote: concurrent puts)."""
+        if self.is_local or not objects:
+            for rel, data in objects.items():
+                self.write_bytes(rel, data)
+            return
+        fs, root = self._fs()
+        fs.pipe({f"{root}/{rel}": data for rel, data in objects.items()})
+
     def put_file(self, local: str | os.PathLike, rel: str) -> None:
         """Move a finished local file to ``rel``: a rename locally, an upload remotely (multipart for a large file:
         the object appears when the last part is in, so a killed upload leaves no object)."""
@@ -184,6 +194,29 @@ class Location:
         except FileNotFoundError:
             return None
 
+    def sizes_of(self, rels: list[str]) -> dict[str, int]:
+        """Sizes of the files ``rels`` that exist (remote: concurrent requests)."""
+        if self.is_local or not rels:
+            return {r: s for r in rels if (s := self.size(r)) is not None}
+        from fsspec.asyn import AsyncFileSystem, sync
+
+        fs, root = self._fs()
+        if not isinstance(fs, AsyncFileSystem):
+            return {r: s for r in rels if (s := self.size(r)) is not None}
+
+        async def all_info():
+            return await asyncio.gather(*(fs._info(f"{root}/{r}") for r in rels), return_exceptions=True)
+
+        infos = sync(fs.loop, all_info)
+        out = {}
+        for rel, info in zip(rels, infos, strict=True):
+            if isinstance(info, FileNotFoundError):
+                continue
+            if isinstance(info, BaseException):
+                raise info
+            out[rel] = int(info["size"])
+        return out
+
     def sizes(self, rel: str = "") -> dict[str, int]:
         """Every file below folder ``rel`` with its size, keyed by its path relative to ``rel`` (remote: one paged
         listing instead of a request per file)."""
@@ -225,12 +258,11 @@ class Location:
             self.path.mkdir(parents=True, exist_ok=True)
 
     def zarr_store(self, read_only: bool = False):
-        """What ``zarr.open_group(store=...)`` takes for this folder: the path locally (zarr's LocalStore), else
-        zarr's FsspecStore over the url with these storage options."""
-        if self.is_local:
-            return str(self.path)
-        from zarr.storage import FsspecStore
+        """The zarr store of this folder: zarr's LocalStore, or its FsspecStore over the url with these options."""
+        from zarr.storage import FsspecStore, LocalStore
 
+        if self.is_local:
+            return LocalStore(str(self.path), read_only=read_only)
         try:
             return FsspecStore.from_url(self.url, storage_options=dict(self.storage_options), read_only=read_only)
         except ImportError as exc:

@@ -20,6 +20,11 @@ zarr-python #3682), and one tile of one modality is a few chunk reads. That writ
 shard's tail past its last tile is never stored, so the alignment costs no bytes on disk. A chunk holds at most
 ``MAX_CHUNK_STEPS`` time steps, so a small-pixel series (S2 10x10 px: 2 kB a step) pads each tile to ~128 steps
 rather than to a megabyte of zeros that every build would copy and compress.
+
+The store may live at any fsspec url (``location.Location``). Its metadata is consolidated into the root
+``zarr.json`` once the planner has created every array and again after the subsets are written, so that opening
+the store and its arrays is one request instead of two per array on an object store: a writer that adds arrays or
+groups must call ``consolidate`` afterwards (readers would not see them otherwise).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import MemoryStore
 
 from maestro_data import integrity
 from maestro_data import split_origin as origins
@@ -133,9 +140,12 @@ def _create(group: zarr.Group, name: str, shape: tuple, dtype, chunks: tuple, sh
 def create_store(path: Path | Location, manifest: Manifest, plan: StorePlan, provenance: dict) -> zarr.Group:
     """Create every array and write the planner's part (tile table, offsets). The plan digest is written last.
 
-    ``path`` is a local folder or a Location (any fsspec url: the store is written through zarr's FsspecStore)."""
+    ``path`` is a local folder or a Location (any fsspec url). The store is first made in memory and then written
+    as a whole: on an object store one concurrent upload instead of ~10 sequential requests per array."""
     loc = Location.of(path)
-    root = zarr.open_group(store=loc.zarr_store(), mode="w")
+    objects: dict = {}
+    staging = integrity.RecordingStore(MemoryStore(objects))  # it records the planner's chunks for their record
+    root = zarr.open_group(store=staging, mode="w", zarr_format=3)
     n, bt = plan.num_tiles, plan.block_tiles
     npad = plan.num_blocks * bt
     tiles = root.create_group("tiles")
@@ -173,9 +183,24 @@ def create_store(path: Path | Location, manifest: Manifest, plan: StorePlan, pro
         "manifest": {"name": manifest.name, "sha256": manifest.sha256, "text": manifest.text},
         "block_tiles": bt, "provenance": provenance,
     })
-    integrity.record_plan(loc, manifest)
     root.attrs["plan_sha256"] = plan.digest()
-    return root
+    consolidate(staging)
+    loc.remove_tree("")
+    loc.write_many({k: v.to_bytes() for k, v in objects.items() if k != "zarr.json"})
+    integrity.record_plan(loc, manifest, staging.written)
+    loc.write_bytes("zarr.json", objects["zarr.json"].to_bytes())  # last: its plan digest marks the planner done
+    return zarr.open_group(store=loc.zarr_store(), mode="r+", zarr_format=3)
+
+
+def consolidate(store: Location | zarr.abc.store.Store) -> None:
+    """Every node's metadata into the root ``zarr.json`` (one request to open the store and all its arrays)."""
+    if isinstance(store, Location):
+        store = store.zarr_store()
+    with warnings.catch_warnings():  # zarr says consolidation is not yet in the v3 spec: zarr-python reads it
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        # the integrity records are plain JSON objects inside an (empty) group: not zarr nodes, rightly skipped
+        warnings.filterwarnings("ignore", message=".* is not recognized as a component of a Zarr hierarchy")
+        zarr.consolidate_metadata(store, zarr_format=3)
 
 
 def _block_extent(mp: ModalityPlan, rng: range, s0: int) -> int:
@@ -263,7 +288,9 @@ def write_subsets(path: str | Path | Location, orders: dict[str, np.ndarray], co
                   method: str) -> None:
     """Store per-split nested subsets: ``order`` lists tile indices so that subset p is ``order[:counts[p]]``."""
     loc = resolve_store(path)
-    root = zarr.open_group(store=loc.zarr_store(), mode="r+")
+    # the store as it is, not its consolidated metadata: nodes are added here, then consolidated again
+    root = zarr.open_group(store=integrity.RecordingStore(loc.zarr_store()), mode="r+", zarr_format=3,
+                           use_consolidated=False)
     group = root.require_group("subsets")
     for split, order in orders.items():
         g = group.require_group(split)
@@ -271,7 +298,8 @@ def write_subsets(path: str | Path | Location, orders: dict[str, np.ndarray], co
         if len(order):
             arr[:] = np.asarray(order, dtype=np.int64)
         g.attrs.update({"counts": {str(p): int(c) for p, c in counts[split].items()}, "method": method})
-    integrity.record_subsets(loc, list(orders))
+    integrity.record_subsets(loc, list(orders), root.store.written)
+    consolidate(loc)
 
 
 def tree_bytes(path: Path) -> int:
@@ -303,7 +331,7 @@ class TileStore:
         self.path: Path | str = self.location.path if self.location.is_local else self.location.url
         if self.location.size("zarr.json") is None:
             raise StoreError(f"{self.path}: not a tile store (no zarr.json); build one with `maestro-data build`")
-        self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+        self.root = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r", zarr_format=3)
         attrs = dict(self.root.attrs)
         if attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.path}: not a maestro tile store (format {attrs.get('format')!r})")
@@ -316,6 +344,7 @@ class TileStore:
         self.attrs = attrs
         self.block_tiles = int(attrs["block_tiles"])
         self._checked_blocks: set[int] = set()
+        self._arrays: dict[str, zarr.Array] = {}
         self._raise_damage(integrity.check(self.location, "plan"))
         self.manifest = parse_manifest(attrs["manifest"]["text"], origin=f"{self.path} (stored manifest)")
         t = self.root["tiles"]
@@ -389,16 +418,23 @@ class TileStore:
         self._check_block(i)
         off, cnt = self._offsets[modality]
         a, b = int(off[i]), int(off[i]) + int(cnt[i])
-        g = self.root[modality]
-        mask = self._read(g["mask"], a, b, i) if "mask" in g else None
-        return Series(data=self._read(g["data"], a, b, i), dates=self._read(g["dates"], a, b, i), mask=mask)
+        mask = self._array(f"{modality}/mask") if self.manifest.modalities[modality].cloud_mask is not None else None
+        return Series(data=self._read(self._array(f"{modality}/data"), a, b, i),
+                      dates=self._read(self._array(f"{modality}/dates"), a, b, i),
+                      mask=None if mask is None else self._read(mask, a, b, i))
+
+    def _array(self, path: str) -> zarr.Array:
+        """An array opened once: opening reads its metadata, one request per array and tile on a remote store."""
+        if path not in self._arrays:
+            self._arrays[path] = self.root[path]
+        return self._arrays[path]
 
     def read_tile(self, key: int | str) -> Tile:
         i = self.index(key) if isinstance(key, str) else int(key)
         if not self.valid[i]:
             raise StoreError(f"{self.path}: tile {self.tile_ids[i]!r} was skipped during the build")
         series = {m: self.read_series(i, m) for m in self.manifest.modalities}
-        targets = {name: self._read(self.root["targets"][name], i, i + 1, i)[0] for name in self.manifest.targets}
+        targets = {name: self._read(self._array(f"targets/{name}"), i, i + 1, i)[0] for name in self.manifest.targets}
         return Tile(tile_id=self.tile_ids[i], split=self.splits[i], fold=int(self.folds[i]),
                     lon=float(self.lon[i]), lat=float(self.lat[i]), ref_date=self.ref_dates[i],
                     series=series, targets=targets)
