@@ -185,8 +185,10 @@ def build_store(manifest: Manifest, src: str | Path, out: str | Path | Location,
     ``out`` is a folder or any fsspec url (a Location carries storage options); ``executor`` runs the tasks
     (default: a local pool of ``options.workers`` processes)."""
     options = options or BuildOptions()
+    if executor is None:
+        with LocalExecutor(options.workers) as local:
+            return build_store(manifest, src, out, options, local)
     src, out = Path(src), Location.of(out)
-    executor = executor or LocalExecutor(options.workers)
     t0 = time.perf_counter()
     if not src.is_dir():
         raise SourceError(f"source folder {src} does not exist")

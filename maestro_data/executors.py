@@ -4,17 +4,22 @@ A stage is one function ``fn(context, item)`` over many items (batches of tiles 
 shards to write). The context (source, plan, output location: large, the same for every task) reaches each
 worker once; each task carries only its item (a block number and its tile refs); results come back as tasks
 finish, which drives the progress bar. The local pool is made of spawned processes (zarr runs an event-loop
-thread, which forking would copy in an unusable state) whose initializer receives the context, or this process
-alone with one worker. On Dask the context is scattered to every worker and one task is submitted per item; a
-worker that dies has its tasks rescheduled by Dask, and because a task writes whole objects and its marker last,
-a task that runs twice writes the same bytes. Heavy per-process handles (an open zarr group) are kept by
-``worker_cache`` for the tasks of one context.
+thread, which forking would copy in an unusable state), started once for all the stages of an executor (spawning
+and importing costs seconds per process); each stage's context goes to them as one pickle file that every process
+loads once; with one worker, this process alone runs the tasks. On Dask the context is scattered to every worker
+and one task is submitted per item; a worker that dies has its tasks rescheduled by Dask, and because a task
+writes whole objects and its marker last, a task that runs twice writes the same bytes. Heavy per-process handles
+(an open zarr group) are kept by ``worker_cache`` for the tasks of one context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
+import pickle
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,7 +37,7 @@ DASK_EXTRA = "pip install maestro-eo[dask]"
 # --- worker side -----------------------------------------------------------------------------------------------------
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()  # a Dask worker may run several tasks at once in threads
-_CONTEXT: list[Any] = []  # the local pool's context, set once per worker process by its initializer
+_CONTEXTS: dict[str, Any] = {}  # the local pool's current context, loaded once per worker process
 
 
 def new_token() -> str:
@@ -55,12 +60,14 @@ def release_worker_cache() -> None:
         _CACHE.clear()
 
 
-def _set_context(context: Any) -> None:
-    _CONTEXT[:] = [context]
-
-
-def _apply_local(fn: Task, item: Any) -> Any:
-    return fn(_CONTEXT[0], item)
+def _apply_local(fn: Task, token: str, path: str, item: Any) -> Any:
+    with _CACHE_LOCK:
+        if token not in _CONTEXTS:
+            _CONTEXTS.clear()
+            with open(path, "rb") as f:
+                _CONTEXTS[token] = pickle.load(f)  # our own file, written by this run's parent process
+        context = _CONTEXTS[token]
+    return fn(context, item)
 
 
 def _apply(item: Any, fn: Task, context: Any) -> Any:
@@ -92,12 +99,15 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """A pool of ``workers`` spawned processes, or this process alone when ``workers`` is 1."""
+    """A pool of ``workers`` spawned processes (started at the first stage that needs them, kept until ``close``),
+    or this process alone when ``workers`` is 1."""
 
     def __init__(self, workers: int = 1):
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
 
     def describe(self) -> str:
         return f"{self.workers} local process(es)"
@@ -114,19 +124,37 @@ class LocalExecutor(Executor):
             finally:
                 release_worker_cache()  # this process ran the worker side: drop its open store and source
             return results
-        ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(self.workers, len(items)), mp_context=ctx, initializer=_set_context,
-                                   initargs=(context,))
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._dir = tempfile.TemporaryDirectory(prefix="maestro-executor-")
+        token = new_token()
+        path = os.path.join(self._dir.name, f"{token}.pickle")
+        with open(path, "wb") as f:
+            pickle.dump(context, f, protocol=pickle.HIGHEST_PROTOCOL)
+        futures = {self._pool.submit(_apply_local, fn, token, path, item): i for i, item in enumerate(items)}
         try:
-            futures = {pool.submit(_apply_local, fn, item): i for i, item in enumerate(items)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 results[i] = fut.result()
                 if on_done:
                     on_done(i, results[i])
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            self.close()  # a failed stage ends the build: do not leave its running tasks behind
+            raise
         finally:
-            pool.shutdown(cancel_futures=True)
+            with contextlib.suppress(FileNotFoundError):  # close() may have removed the folder already
+                os.unlink(path)
         return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 class DaskExecutor(Executor):

@@ -57,12 +57,13 @@ def _part_key(part: str) -> str:
 _GROUPS_MADE: set[str] = set()  # per process: stores whose record folder is known to exist
 
 
-def _ensure_group(store: Location) -> None:
-    """The record folder is an (empty) zarr group, so that zarr's hierarchy walks accept it."""
+def _ensure_group(store: Location, new_store: bool) -> None:
+    """The record folder is an (empty) zarr group, so that zarr's hierarchy walks accept it. A new store (the
+    planner's record, its first) always gets it: the url may name a store this process saw before an --overwrite."""
     key = f"{INTEGRITY_DIR}/zarr.json"
-    if store.url in _GROUPS_MADE:
+    if store.url in _GROUPS_MADE and not new_store:
         return
-    if store.size(key) is None:
+    if new_store or store.size(key) is None:
         store.write_bytes(key, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
             "about": "chunk integrity records (maestro_data.integrity)"}}).encode())
     _GROUPS_MADE.add(store.url)
@@ -115,7 +116,7 @@ def record(store: Location | Path, part: str, keys: list[str], written: dict[str
         size = store.size(key)
         if size is not None:
             files[key] = [size, store.sha256(key)]
-    _ensure_group(store)
+    _ensure_group(store, new_store=part == "plan")
     store.write_bytes(_part_key(part), json.dumps({"files": files}, sort_keys=True).encode())
     return files
 

@@ -251,6 +251,9 @@ def write_shards(store_path: str | Path | Location, out: str | Path | Location, 
     """Write every valid tile of ``store_path`` as shards under ``out`` (a folder or any fsspec url), one task per
     shard on ``executor``; returns the index (also index.json, written last)."""
     options = options or ShardOptions()
+    if executor is None:
+        with LocalExecutor(options.workers) as local:
+            return write_shards(store_path, out, options, local)
     store = TileStore(store_path)
     damage = store.verify()
     if damage:
@@ -272,7 +275,6 @@ def write_shards(store_path: str | Path | Location, out: str | Path | Location, 
     tasks = plan_shards(store, options.seed, options.shard_bytes, sample_key)
     rows = _finished(job, tasks) if options.resume else {}
     todo = [t for k, t in enumerate(tasks) if k not in rows]
-    executor = executor or LocalExecutor(options.workers)
     with tqdm(total=int(store.valid.sum()), desc=f"shards {store.manifest.name}", unit="tile",
               disable=options.quiet) as bar:
         bar.update(sum(r[1] for r in rows.values()))

@@ -158,3 +158,10 @@ def test_shards_killed_while_uploading_resume_from_what_the_bucket_holds(env, lo
     write_shards(url, target, replace(options, resume=True))
     assert len(calls) == TILES == len(set(calls))  # the two finished shards were kept, not written again
     assert files(out) == files(Location.of(reference / "shards"))
+
+
+def test_file_urls_and_paths_are_local_folders(tmp_path):
+    for where in (f"file://{tmp_path}", str(tmp_path), tmp_path):
+        loc = Location.of(where)
+        assert loc.is_local and loc.join("a/b") == str(tmp_path / "a" / "b")
+    assert Location.of("s3://bucket/prefix/").join("a") == "s3://bucket/prefix/a"
