@@ -5,7 +5,13 @@ Tiles: aerial 4x512² uint8, elevation 2x512² float32, COSIA 512² uint8, S2 T~
 S1 asc/desc T~70 x 2 x 10² float32 (synthetic, real layout, smooth fields). Targets (issue): >= 60 tiles/s/core,
 store <= 0.8x raw bytes (lossless).
 
-    python benchmarks/build_throughput.py [--tiles 64] [--workdir DIR] [--repeat 3]
+Engines side by side (issue 15): the same build (store, subsets, shards) on the local pool of 2 processes and on a
+Dask LocalCluster of 2 single-threaded workers, runs interleaved, best of ``--repeat``, wall clock; the cluster's
+start is timed apart (paid once per cluster, not per build). Target: Dask within 15 % of the pool. ``--s3`` also
+times the build written to moto's S3 server (server mode, its own process, through s3fs): request latency, not
+bandwidth, is what it measures.
+
+    python benchmarks/build_throughput.py [--tiles 64] [--workdir DIR] [--repeat 3] [--s3]
 
 CPU is process time (all threads: zarr's event loop and codec/I-O threads included), the least of ``--repeat``
 builds, so the figure is per core and robust to a shared machine. Beside the build it times the parts no store
@@ -25,16 +31,21 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from numcodecs import Blosc, Zstd
 
-from maestro_data.build import BuildOptions, build_store
+from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.executors import DaskExecutor, Executor, LocalExecutor
+from maestro_data.location import Location
 from maestro_data.manifest import load_manifest
 from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.store import TileStore, tree_bytes
 from maestro_data.synthetic.flair import generate
+
+SHARD_BYTES = 64 << 20
 
 
 def _tif_bytes(path: Path) -> int:
@@ -106,11 +117,65 @@ def reader_rate(src: Path) -> float:
     return len(refs) / (time.process_time() - t0)
 
 
+def full_build(src: Path, out: Location, executor: Executor) -> float:
+    """Seconds of wall clock for store + subsets + shards on ``executor``."""
+    t0 = time.perf_counter()
+    build_store(load_manifest("flair-hub"), src, out, BuildOptions(quiet=True, overwrite=True), executor=executor)
+    with warnings.catch_warnings():  # small trial sets have empty 5 % subsets: said once by the tests, not here
+        warnings.simplefilter("ignore", UserWarning)
+        compute_subsets(out)
+    write_shards(out, out.child("shards"), ShardOptions(shard_bytes=SHARD_BYTES, quiet=True), executor=executor)
+    return time.perf_counter() - t0
+
+
+def engines(src: Path, tmp: Path, tiles: int, repeat: int) -> dict:
+    """Tiles/s of the same build on the local pool (2 processes) and a Dask LocalCluster (2 workers)."""
+    t0 = time.perf_counter()
+    dask = DaskExecutor(workers=2)
+    start_s = time.perf_counter() - t0
+    pool = LocalExecutor(2)
+    runs: dict[str, list[float]] = {"local": [], "dask": []}
+    try:
+        for _ in range(max(1, repeat)):  # interleaved: a shared machine's load hits both alike
+            runs["local"].append(full_build(src, Location.of(tmp / "pool"), pool))
+            runs["dask"].append(full_build(src, Location.of(tmp / "dask"), dask))
+    finally:
+        dask.close()
+    same = all((tmp / "pool" / "shards" / p.relative_to(tmp / "dask" / "shards")).read_bytes() == p.read_bytes()
+               for p in (tmp / "dask" / "shards").rglob("*") if p.is_file())
+    local_rate, dask_rate = tiles / min(runs["local"]), tiles / min(runs["dask"])
+    print(f"engines (store + subsets + shards, wall clock, best of {len(runs['local'])}): local pool of 2 "
+          f"{local_rate:.1f} tiles/s, Dask LocalCluster of 2 {dask_rate:.1f} tiles/s ({dask_rate / local_rate:.2f}x; "
+          f"cluster start {start_s:.1f} s, once); shards identical: {same}")
+    return {"local_pool_2_tiles_per_s": round(local_rate, 2), "dask_localcluster_2_tiles_per_s": round(dask_rate, 2),
+            "dask_over_local": round(dask_rate / local_rate, 3), "dask_cluster_start_s": round(start_s, 2),
+            "engines_same_shards": same}
+
+
+def s3_build(src: Path, tiles: int) -> dict:
+    """Seconds of the same build written to moto's S3 server (its own process), on the local pool of 2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the servers the tests start
+    import s3fs
+    from faultserver import moto_s3
+
+    server = moto_s3(own_process=True)
+    try:
+        s3fs.S3FileSystem(**server.storage_options).mkdir("bench")
+        seconds = full_build(src, Location("s3://bench/flair-hub", server.storage_options), LocalExecutor(2))
+    finally:
+        server.stop()
+    print(f"s3 (moto, own process): store + subsets + shards of {tiles} tiles in {seconds:.1f} s "
+          f"({tiles / seconds:.1f} tiles/s)")
+    return {"s3_moto_build_s": round(seconds, 2), "s3_moto_tiles_per_s": round(tiles / seconds, 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="builds to run; the least CPU counts (shared machines)")
+    ap.add_argument("--s3", action="store_true", help="also time the build written to moto's S3 server")
+    ap.add_argument("--no-engines", action="store_true", help="skip the local pool vs Dask comparison")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -162,6 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
             "codecs": codecs,
             "cpu_count": os.cpu_count(),
         }
+        if not args.no_engines:
+            result.update(engines(src, tmp, args.tiles, args.repeat))
+        if args.s3:
+            result.update(s3_build(src, args.tiles))
     print(json.dumps(result))
     return result
 

@@ -32,10 +32,16 @@ def main() -> None:
 @main.command()
 @click.argument("dataset", type=click.Choice(DATASETS))
 @click.option("--src", required=True, type=click.Path(file_okay=False, path_type=Path), help="Raw dataset root.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--out", required=True,
+              help="Output folder, or an fsspec url such as s3://bucket/prefix (credentials from the environment).")
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="A manifest file to use instead of the built-in one (e.g. a copy with D=4 for S2).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Parallel processes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Parallel processes (with --executor dask and no --scheduler: the LocalCluster's workers).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="Run the blocks and shards on a local process pool or on a Dask cluster.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Dask scheduler address (tcp://host:8786) or scheduler file; default: a LocalCluster.")
 @click.option("--limit", type=click.IntRange(1), help="Convert only the first N tiles (quick trials).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="skip: drop bad tiles and list them in the build report.")
@@ -59,12 +65,14 @@ def main() -> None:
 @click.option("--no-targets", is_flag=True,
               help="New imagery without label files: read no label, mark the store unlabelled (predict only).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, workers: int, limit: int | None,
-          on_error: str, resume: bool, overwrite: bool, split_set: int | None, fold: int | None, block_tiles: int,
-          splits_from: Path | None, percents: tuple[int, ...], shard_size: int, seed: int, no_shards: bool,
-          no_targets: bool, quiet: bool) -> None:
+def build(dataset: str, src: Path, out: str, manifest_path: Path | None, workers: int, executor: str,
+          scheduler: str | None, limit: int | None, on_error: str, resume: bool, overwrite: bool,
+          split_set: int | None, fold: int | None, block_tiles: int, splits_from: Path | None,
+          percents: tuple[int, ...], shard_size: int, seed: int, no_shards: bool, no_targets: bool,
+          quiet: bool) -> None:
     """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
     from maestro_data.build import BuildOptions, build_store, compute_subsets
+    from maestro_data.location import Location
     from maestro_data.shards import ShardOptions, write_shards
     from maestro_data.sources import SourceOptions
 
@@ -75,7 +83,38 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
     options = BuildOptions(workers=workers, limit=limit, on_error=on_error, resume=resume, overwrite=overwrite,
                            quiet=quiet, block_tiles=block_tiles, labelled=not no_targets,
                            source=SourceOptions(split_set=split_set, fold=fold))
-    report = build_store(manifest, src, out, options)
+    target = Location.of(out)
+    with _executor(executor, workers, scheduler) as engine:
+        report = build_store(manifest, src, target, options, executor=engine)
+        _echo_report(report, dataset)
+        counts = compute_subsets(target, percents, splits_from)
+        click.echo("subsets: " + "; ".join(f"{k}: " + ", ".join(f"{p}%={n}" for p, n in v.items())
+                                           for k, v in counts.items()))
+        click.echo(f"store: {report['store']}\nreport: {target.join('report.json')}")
+        if not no_shards:
+            shards = target.child("shards")
+            index = write_shards(target, shards, ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet,
+                                                              resume=resume), executor=engine)
+            _echo_index(index, shards)
+
+
+def _executor(kind: str, workers: int, scheduler: str | None):
+    import contextlib
+
+    from maestro_data.executors import make_executor
+
+    if scheduler is not None and kind != "dask":
+        raise click.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
+    if kind == "dask":
+        with contextlib.suppress(ImportError):  # a missing extra is said by make_executor
+            import distributed  # noqa: F401 - its import sets its loggers' levels: ours must come after
+
+            # Dask's INFO lines (cluster start, every connection) would bury the progress bars
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+    return make_executor(kind, workers, scheduler)
+
+
+def _echo_report(report: dict, dataset: str) -> None:
     sizes = f"{report['bytes_out'] / 1e6:.1f} MB store"
     if report["bytes_in"] is not None:
         sizes = f"{report['bytes_in'] / 1e6:.1f} MB in -> {sizes} ({report['bytes_out'] / report['bytes_in']:.2f}x)"
@@ -90,13 +129,6 @@ def build(dataset: str, src: Path, out: Path, manifest_path: Path | None, worker
         click.echo(f"skipped {s['tile_id']}: {s['reason']}", err=True)
     for note in report["layout_notes"]:
         click.echo(f"layout: {note.get('file', '')}: {note.get('reason', note)}", err=True)
-    counts = compute_subsets(out, percents, splits_from)
-    click.echo("subsets: " + "; ".join(f"{k}: " + ", ".join(f"{p}%={n}" for p, n in v.items())
-                                       for k, v in counts.items()))
-    click.echo(f"store: {report['store']}\nreport: {out / 'report.json'}")
-    if not no_shards:
-        index = write_shards(out, out / "shards", ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet))
-        _echo_index(index, out / "shards")
 
 
 def _percents(text: str) -> tuple[int, ...]:
@@ -134,12 +166,12 @@ def _echo_index(index: dict, where: Path | str) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store")
 @click.option("--percents", default="5,20", show_default=True, callback=lambda c, p, v: _percents(v),
               help="Nested subset sizes in percent.")
 @click.option("--splits-from", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Import MAESTRO's published subset CSVs instead of running FPS.")
-def subsets(store: Path, percents: tuple[int, ...], splits_from: Path | None) -> None:
+def subsets(store: str, percents: tuple[int, ...], splits_from: Path | None) -> None:
     """(Re)compute the nested subsets of a tile STORE."""
     from maestro_data.build import compute_subsets
 
@@ -148,17 +180,26 @@ def subsets(store: Path, percents: tuple[int, ...], splits_from: Path | None) ->
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store")
+@click.option("--out", required=True, help="Output folder or fsspec url (e.g. s3://bucket/prefix/shards).")
 @click.option("--shard-size", default="1GB", show_default=True, callback=lambda c, p, v: _size(v),
               help="Target shard size (e.g. 256MB, 1GB).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the tile order inside shards.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Parallel processes (with --executor dask and no --scheduler: the LocalCluster's workers).")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="Write the shards on a local process pool or on a Dask cluster (one task per shard).")
+@click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address or scheduler file.")
+@click.option("--resume", is_flag=True, help="Keep the shards an interrupted run finished in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def shard(store: Path, out: Path, shard_size: int, seed: int, quiet: bool) -> None:
-    """Write WebDataset shards (and index.json, last) from a tile STORE."""
+def shard(store: str, out: str, shard_size: int, seed: int, workers: int, executor: str, scheduler: str | None,
+          resume: bool, quiet: bool) -> None:
+    """Write WebDataset shards (and index.json, last) from a tile STORE (folder or url)."""
     from maestro_data.shards import ShardOptions, write_shards
 
-    _echo_index(write_shards(store, out, ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet)), out)
+    options = ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet, resume=resume)
+    with _executor(executor, workers, scheduler) as engine:
+        _echo_index(write_shards(store, out, options, executor=engine), out)
 
 
 @main.command()
@@ -167,13 +208,22 @@ def shard(store: Path, out: Path, shard_size: int, seed: int, quiet: bool) -> No
 @click.option("--dataset", help="Fail unless the shards were built from this manifest (name or path).")
 def verify(location: str, full: bool, dataset: str | None) -> None:
     """Check every shard of an index (folder, index.json path or URL): presence, size, sha256; or every chunk
-    of a tile store (presence and size; --full: sha256)."""
+    of a tile store (presence and size; --full: sha256); a build's output (folder or URL): both."""
+    from maestro_data.location import Location
     from maestro_data.store import is_store
-    from maestro_data.verify import verify as verify_shards
 
     if is_store(location):
         _verify_store(location, full)
+        shards = Location.of(location).child("shards")
+        if shards.size("index.json") is not None:
+            _verify_shards(shards.url, full, dataset)
         return
+    _verify_shards(location, full, dataset)
+
+
+def _verify_shards(location: str, full: bool, dataset: str | None) -> None:
+    from maestro_data.verify import verify as verify_shards
+
     problems = verify_shards(location, full=full, manifest=load_manifest(dataset) if dataset else None)
     for line in problems:
         click.echo(f"BAD {line}", err=True)
@@ -210,9 +260,9 @@ def reindex(location: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: str, as_json: bool) -> None:
     """Summarise a tile store (tiles per split, modalities, dtypes, date counts, bytes) or a shard index."""
-    from maestro_data.store import TileStore
+    from maestro_data.store import TileStore, is_store
 
-    if "://" in path or path.endswith(".json") or (Path(path) / "index.json").is_file():
+    if path.endswith(".json") or ("://" in path and not is_store(path)) or (Path(path) / "index.json").is_file():
         _index_info(path, as_json)
         return
     summary = TileStore(path).summary()

@@ -43,6 +43,10 @@ class StoreError(MaestroError):
     """The zarr tile store is missing, incomplete or was built from another manifest."""
 
 
+class ExecutorError(MaestroError):
+    """The engine that runs a build's tasks (a Dask cluster) is missing, unreachable or lost."""
+
+
 class ShardError(MaestroError):
     """A WebDataset shard or its index is missing, corrupt or inconsistent."""
 

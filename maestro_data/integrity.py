@@ -6,16 +6,20 @@ every chunk or shard file it produced with its byte size and sha256 (``<store>/_
 ``plan`` for the planner's arrays, ``block-<b>`` per block of tiles, ``subsets``). A file that was legitimately
 not written (a chunk holding only fill values) is simply absent from the record. Readers check presence and size
 before trusting a block (cheap: one stat per file); ``verify --full`` and ``build --resume`` also checksum.
+The store may be local or any fsspec url (``location.Location``): sizes and checksums go through its filesystem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zarr.storage import WrapperStore
+
+from maestro_data.location import Location
 from maestro_data.manifest import Manifest
 
 INTEGRITY_DIR = "_integrity"
@@ -46,54 +50,92 @@ def block_arrays(manifest: Manifest) -> list[tuple[str, int]]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+def _part_key(part: str) -> str:
+    return f"{INTEGRITY_DIR}/{part}.json"
 
 
-def _part_path(store: Path, part: str) -> Path:
-    return store / INTEGRITY_DIR / f"{part}.json"
+_GROUPS_MADE: set[str] = set()  # per process: stores whose record folder is known to exist
 
 
-def _ensure_group(folder: Path) -> None:
-    """The record folder is an (empty) zarr group, so that zarr's hierarchy walks accept it."""
-    folder.mkdir(exist_ok=True)
-    meta = folder / "zarr.json"
-    if not meta.is_file():
-        tmp = folder / f"zarr.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                   "attributes": {"about": "chunk integrity records (maestro_data.integrity)"}}))
-        os.replace(tmp, meta)
+def _ensure_group(store: Location, new_store: bool) -> None:
+    """The record folder is an (empty) zarr group, so that zarr's hierarchy walks accept it. A new store (the
+    planner's record, its first) always gets it: the url may name a store this process saw before an --overwrite."""
+    key = f"{INTEGRITY_DIR}/zarr.json"
+    if store.url in _GROUPS_MADE and not new_store:
+        return
+    if new_store or store.size(key) is None:
+        store.write_bytes(key, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+            "about": "chunk integrity records (maestro_data.integrity)"}}).encode())
+    _GROUPS_MADE.add(store.url)
 
 
-def record(store: Path, part: str, keys: list[str]) -> dict[str, list]:
-    """Size and sha256 of every file of ``keys`` that exists, written atomically as the record of ``part``."""
+class RecordingStore(WrapperStore):
+    """A zarr store that remembers the size and sha256 of every object written through it, so that a writer
+    records its chunks without reading them back (from an object store that would be a second transfer of every
+    byte). An object zarr deletes (a chunk of fill values only) is forgotten."""
+
+    def __init__(self, store, written: dict[str, list] | None = None):
+        super().__init__(store)
+        self.written: dict[str, list] = {} if written is None else written
+
+    def _with_store(self, store):
+        return type(self)(store, self.written)
+
+    async def set(self, key: str, value) -> None:
+        data = value.to_bytes()
+        await self._store.set(key, value)
+        self.written[key] = [len(data), hashlib.sha256(data).hexdigest()]
+
+    async def _set_many(self, values) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        self.written.pop(key, None)
+
+    def take(self, keys: list[str]) -> dict[str, list]:
+        """What was written to ``keys`` (removed from memory: a block is recorded once)."""
+        return {k: self.written.pop(k) for k in keys if k in self.written}
+
+
+def record(store: Location | Path, part: str, keys: list[str], written: dict[str, list] | None = None,
+           ) -> dict[str, list]:
+    """Size and sha256 of every file of ``keys`` that exists, written atomically as the record of ``part``.
+
+    ``written`` holds what a RecordingStore saw the writer write: the keys it did not see were not written (a
+    part's keys are its writer's alone). Without it every key is read back through the store's filesystem (a local
+    file, or an object of the bucket)."""
+    store = Location.of(store)
     files = {}
     for key in keys:
-        path = store / key
-        if path.is_file():
-            files[key] = [path.stat().st_size, _sha256(path)]
-    target = _part_path(store, part)
-    _ensure_group(target.parent)
-    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"files": files}, sort_keys=True))
-    os.replace(tmp, target)
+        if written is not None:
+            if key in written:
+                files[key] = written[key]
+            continue
+        size = store.size(key)
+        if size is not None:
+            files[key] = [size, store.sha256(key)]
+    _ensure_group(store, new_store=part == "plan")
+    store.write_bytes(_part_key(part), json.dumps({"files": files}, sort_keys=True).encode())
     return files
 
 
-def record_plan(store: Path, manifest: Manifest) -> None:
-    record(store, "plan", [chunk_key(a, 0, n) for a, n in planner_arrays(manifest)])
+def record_plan(store: Location | Path, manifest: Manifest, written: dict[str, list] | None = None) -> None:
+    record(store, "plan", [chunk_key(a, 0, n) for a, n in planner_arrays(manifest)], written)
 
 
-def record_block(store: Path, manifest: Manifest, block: int) -> None:
-    record(store, f"block-{block}", [chunk_key(a, block, n) for a, n in block_arrays(manifest)])
+def block_keys(manifest: Manifest, block: int) -> list[str]:
+    return [chunk_key(a, block, n) for a, n in block_arrays(manifest)]
 
 
-def record_subsets(store: Path, splits: list[str]) -> None:
-    record(store, "subsets", [chunk_key(f"subsets/{s}/order", 0, 1) for s in splits])
+def record_block(store: Location | Path, manifest: Manifest, block: int,
+                 written: dict[str, list] | None = None) -> None:
+    record(store, f"block-{block}", block_keys(manifest, block), written)
+
+
+def record_subsets(store: Location | Path, splits: list[str], written: dict[str, list] | None = None) -> None:
+    record(store, "subsets", [chunk_key(f"subsets/{s}/order", 0, 1) for s in splits], written)
 
 
 @dataclass(frozen=True)
@@ -104,34 +146,54 @@ class Damage:
     key: str
     what: str
 
-    def describe(self, store: Path) -> str:
-        return f"{store / self.key}: {self.what}"
+    def describe(self, store: Location | Path) -> str:
+        return f"{Location.of(store).join(self.key)}: {self.what}"
 
 
-def check(store: Path, part: str, *, full: bool = False) -> list[Damage]:
-    """Damage of one recorded part; a part without a record is damage too (the writer never finished it)."""
-    path = _part_path(store, part)
+def check(store: Location | Path, part: str, *, full: bool = False, sizes: dict[str, int] | None = None,
+          raw: bytes | None = None) -> list[Damage]:
+    """Damage of one recorded part; a part without a record is damage too (the writer never finished it).
+
+    ``sizes`` (every file of the store with its size, from one listing) and ``raw`` (the record's bytes, already
+    fetched) spare a remote store one request per file (see ``check_parts``)."""
+    store = Location.of(store)
+    key = _part_key(part)
     try:
-        files = json.loads(path.read_text())["files"]
+        files = json.loads(raw if raw is not None else store.read_bytes(key))["files"]
     except FileNotFoundError:
-        return [Damage(part, f"{INTEGRITY_DIR}/{part}.json", "no integrity record (written before this toolkit "
-                                                              "recorded integrity, or the write was interrupted)")]
+        return [Damage(part, key, "no integrity record (written before this toolkit recorded integrity, or the "
+                                  "write was interrupted)")]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [Damage(part, f"{INTEGRITY_DIR}/{part}.json", f"unreadable integrity record ({exc})")]
+        return [Damage(part, key, f"unreadable integrity record ({exc})")]
+    if sizes is None and not store.is_local:
+        sizes = store.sizes_of(list(files))  # concurrent requests rather than one round trip per file
     out = []
-    for key, (size, digest) in files.items():
-        file = store / key
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError:
-            out.append(Damage(part, key, f"missing (written by the build, {size} bytes)"))
-            continue
-        if actual != size:
-            out.append(Damage(part, key, f"{actual} bytes, the build wrote {size}"))
-        elif full and _sha256(file) != digest:
-            out.append(Damage(part, key, "sha256 differs from what the build wrote"))
+    for name, (size, digest) in files.items():
+        actual = sizes.get(name) if sizes is not None else store.size(name)
+        if actual is None:
+            out.append(Damage(part, name, f"missing (written by the build, {size} bytes)"))
+        elif actual != size:
+            out.append(Damage(part, name, f"{actual} bytes, the build wrote {size}"))
+        elif full and store.sha256(name) != digest:
+            out.append(Damage(part, name, "sha256 differs from what the build wrote"))
     return out
 
 
-def parts(store: Path, num_blocks: int, with_subsets: bool) -> list[str]:
+def check_parts(store: Location | Path, parts: list[str], *, full: bool = False,
+                on_part: Callable[[], None] | None = None) -> dict[str, list[Damage]]:
+    """``check`` of many parts (``on_part`` after each). Locally one stat per file; remotely one listing of the
+    store and the records fetched concurrently, so a store of 10^5 blocks is not 10^6 sequential requests."""
+    store = Location.of(store)
+    sizes = None if store.is_local else store.sizes()
+    records = {} if store.is_local else store.read_many([_part_key(p) for p in parts])
+    out = {}
+    for part in parts:
+        # a record not fetched (None, or local) is read by check, which names why it cannot be
+        out[part] = check(store, part, full=full, sizes=sizes, raw=records.get(_part_key(part)))
+        if on_part:
+            on_part()
+    return out
+
+
+def parts(num_blocks: int, with_subsets: bool) -> list[str]:
     return ["plan", *(f"block-{b}" for b in range(num_blocks)), *(["subsets"] if with_subsets else [])]

@@ -11,8 +11,13 @@ with key ``K`` (the tile id percent-encoded so that it has no ``.`` or ``/``, wh
 ``K.<mod>_mask.npy`` where the modality has a cloud mask; ``K.<target>.npy``; ``K.json`` (tile id, split, fold,
 lon, lat, reference date, ``grids``: CRS, transform and size of every grid, ``maestro_data/georef.py``).
 Tiles are written in a seeded random order so every shard is a random sample of its tier; bytes are a pure
-function of the store and the seed (fixed tar header fields), and each shard is written to a temporary name and
-renamed.
+function of the store and the seed (fixed tar header fields).
+
+Which tiles go to which shard is planned first (``shard_plan.py``), so every shard is one task of an executor
+(a local pool or a Dask cluster) and the set is the same bytes however many workers write it. ``DIR`` is a local
+folder or any fsspec url: a local shard is written to a temporary name and renamed, a remote one is uploaded when
+finished; a done marker per shard (``DIR/_build/``) lets ``resume`` keep what a killed run finished, and the
+markers are removed once ``index.json`` is written.
 
 Beside each shard, ``<split>/<tier>-<nnnnn>.samples.json`` (its sidecar) lists the shard's sample keys, tile
 ids and member layout; ``index.json`` holds per shard only url, samples, bytes, sha256 and the sidecar's size and
@@ -27,15 +32,17 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import numpy as np
 from tqdm import tqdm
 
-from maestro_data import __version__, georef
+from maestro_data import __version__
 from maestro_data.errors import ShardError, StoreError
+from maestro_data.executors import Executor, LocalExecutor, new_token, worker_cache
 from maestro_data.index_format import (
     COLUMNS,
     INDEX_FORMAT,
@@ -45,11 +52,13 @@ from maestro_data.index_format import (
     index_bytes,
     sidecar_url,
 )
-from maestro_data.randomness import permutation
+from maestro_data.location import Location
+from maestro_data.shard_plan import ShardTask, plan_shards, sample_meta
 from maestro_data.store import TileStore
 from maestro_data.tile import Tile
 
 DEFAULT_SHARD_BYTES = 1 << 30
+PROGRESS_DIR = "_build"  # per-shard done markers while a shard set is being written (removed once indexed)
 
 
 def sample_key(tile_id: str) -> str:
@@ -68,7 +77,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def sample_members(tile: Tile, dataset: str) -> list[tuple[str, bytes]]:
-    """The (name, bytes) members of one tile's sample, in a fixed order."""
+    """The (name, bytes) members of one tile's sample, in a fixed order (``shard_plan`` sizes them ahead)."""
     key = sample_key(tile.tile_id)
     members = []
     counts = {}
@@ -80,10 +89,8 @@ def sample_members(tile: Tile, dataset: str) -> list[tuple[str, bytes]]:
         counts[name] = int(series.data.shape[0])
     for name, target in tile.targets.items():
         members.append((f"{key}.{name}.npy", _npy_bytes(target)))
-    meta = {"tile_id": tile.tile_id, "split": tile.split, "fold": tile.fold, "lon": tile.lon, "lat": tile.lat,
-            "ref_date": [int(v) for v in tile.ref_date], "dates": counts, "dataset": dataset,
-            "grids": georef.grids_record(tile.grids)}
-    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    members.append((f"{key}.json", sample_meta(tile.tile_id, tile.split, tile.fold, tile.lon, tile.lat,
+                                               tile.ref_date, counts, dataset, tile.grids)))
     return members
 
 
@@ -97,10 +104,11 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
 class _HashingFile:
     """A binary file that hashes what is written, so a finished shard is never read back to be checksummed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, durable: bool = True):
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.durable = durable
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
@@ -112,35 +120,27 @@ class _HashingFile:
 
     def close(self) -> None:
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.durable:
+            os.fsync(self._file.fileno())
         self._file.close()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` through a temporary name and a rename: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _ShardWriter:
-    """Writes consecutive shards of one tier and their sidecars, rolling over at ``max_bytes``; returns the index
-    columns of the tier."""
+    """Writes one shard and its sidecar; returns the shard's index row. A local shard is written under a temporary
+    name beside its place and renamed; a remote one is spooled to a local temporary file and uploaded when
+    finished (multipart when large), so the bucket never holds part of a shard."""
 
-    def __init__(self, out: Path, split: str, tier: str, max_bytes: int):
-        self.out, self.split, self.tier, self.max_bytes = out, split, tier, max_bytes
-        self.columns: dict[str, list] = {name: [] for name in COLUMNS}
-        self._tar = None
-
-    def _open(self) -> None:
-        self._rel = f"{self.split}/{self.tier}-{len(self.columns['url']):05d}.tar"
-        self._path = self.out / self._rel
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self._path.with_name(self._path.name + ".tmp")
-        self._file = _HashingFile(self._tmp)
+    def __init__(self, out: Location, rel: str):
+        self.out, self._rel = out, rel
+        if out.is_local:
+            self._path = out.path / rel
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = self._path.with_name(self._path.name + ".tmp")
+        else:
+            fd, name = tempfile.mkstemp(prefix="maestro-shard-", suffix=".tar")
+            os.close(fd)
+            self._tmp = Path(name)
+        self._file = _HashingFile(self._tmp, durable=out.is_local)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._keys: list[str] = []
         self._ids: list[str] = []
@@ -148,8 +148,6 @@ class _ShardWriter:
         self._layout: list[int] = []
 
     def add(self, tile_id: str, members: list[tuple[str, bytes]]) -> None:
-        if self._tar is None:
-            self._open()
         key = sample_key(tile_id)
         start = self._tar.offset
         layout, fields = [start], []
@@ -162,30 +160,28 @@ class _ShardWriter:
         if self._fields is None:
             self._fields = fields
         elif fields != self._fields:
-            raise ShardError(f"{self._path}: tile {tile_id!r} has members {fields}, the shard's first sample "
-                             f"{self._fields}: one shard holds samples of one layout")
+            raise ShardError(f"{self.out.join(self._rel)}: tile {tile_id!r} has members {fields}, the shard's first "
+                             f"sample {self._fields}: one shard holds samples of one layout")
         self._layout += layout
         self._keys.append(key)
         self._ids.append(tile_id)
-        if self._file.tell() >= self.max_bytes:
-            self._close()
 
-    def _close(self) -> None:
-        self._tar.close()
-        self._file.close()
-        os.replace(self._tmp, self._path)
+    def finish(self) -> tuple:
+        try:
+            self._tar.close()
+            self._file.close()
+            self.out.put_file(self._tmp, self._rel)
+        finally:
+            if not self.out.is_local:
+                self._tmp.unlink(missing_ok=True)
         sha256 = self._file.sha256.hexdigest()
         sidecar = encode_sidecar(sha256, self._keys, self._ids, self._fields or [], self._layout)
-        write_atomic(self.out / sidecar_url(self._rel), sidecar)
-        row = (self._rel, len(self._keys), self._file.size, sha256, len(sidecar), hashlib.sha256(sidecar).hexdigest())
-        for name, value in zip(COLUMNS, row, strict=True):
-            self.columns[name].append(value)
-        self._tar = None
+        self.out.write_bytes(sidecar_url(self._rel), sidecar, durable=True)
+        return (self._rel, len(self._keys), self._file.size, sha256, len(sidecar), hashlib.sha256(sidecar).hexdigest())
 
-    def finish(self) -> dict[str, list]:
-        if self._tar is not None:
-            self._close()
-        return self.columns
+    def discard(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -193,44 +189,120 @@ class ShardOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     seed: int = 0
     quiet: bool = False
+    resume: bool = False  # keep the shards a killed run finished (same store, seed and size), write the rest
+    workers: int = 1  # local processes when no executor is given
 
 
-def write_shards(store_path: str | Path, out: str | Path, options: ShardOptions | None = None) -> dict:
-    """Write every valid tile of ``store_path`` as shards under ``out``; returns the index (also index.json)."""
+@dataclass(frozen=True)
+class _Job:
+    """What every shard task needs; reaches each worker once (``executors.py``)."""
+
+    store: Location
+    out: Location
+    identity: str  # the store's build and the writer's settings: a done marker of another run never matches
+    token: str = field(default_factory=new_token)
+
+
+def _marker(task: ShardTask) -> str:
+    return f"{PROGRESS_DIR}/{task.url.removesuffix('.tar')}.json"
+
+
+def _digest(job: _Job, task: ShardTask) -> str:
+    return hashlib.sha256(json.dumps([job.identity, task.url, task.indices]).encode()).hexdigest()
+
+
+def _write_shard(job: _Job, task: ShardTask) -> tuple:
+    """Task: read the shard's tiles from the store, write the shard and its sidecar, then its done marker."""
+    store = worker_cache(job.token, lambda: TileStore(job.store))
+    writer = _ShardWriter(job.out, task.url)
+    try:
+        for i in task.indices:
+            tile = store.read_tile(i)
+            writer.add(tile.tile_id, sample_members(tile, store.manifest.name))
+    except BaseException:
+        writer.discard()
+        raise
+    row = writer.finish()
+    job.out.write_bytes(_marker(task), json.dumps({"digest": _digest(job, task), "row": list(row)}).encode())
+    return row
+
+
+def _finished(job: _Job, tasks: list[ShardTask]) -> dict[int, tuple]:
+    """Shards of ``tasks`` that a killed run of the same job completed: marker of this job, shard and sidecar of
+    the recorded sizes (one listing and concurrent marker reads on an object store)."""
+    sizes = job.out.sizes()
+    wanted = {k: _marker(t) for k, t in enumerate(tasks) if _marker(t) in sizes}
+    raw = job.out.read_many(list(wanted.values()))
+    done = {}
+    for k, rel in wanted.items():
+        try:
+            marker = json.loads(raw[rel] or b"")
+            row = tuple(marker["row"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        task = tasks[k]
+        if marker.get("digest") == _digest(job, task) and sizes.get(task.url) == row[2] \
+                and sizes.get(sidecar_url(task.url)) == row[4]:
+            done[k] = row
+    return done
+
+
+def write_shards(store_path: str | Path | Location, out: str | Path | Location, options: ShardOptions | None = None,
+                 executor: Executor | None = None) -> dict:
+    """Write every valid tile of ``store_path`` as shards under ``out`` (a folder or any fsspec url), one task per
+    shard on ``executor``; returns the index (also index.json, written last)."""
     options = options or ShardOptions()
+    if executor is None:
+        with LocalExecutor(options.workers) as local:
+            return write_shards(store_path, out, options, local)
     store = TileStore(store_path)
     damage = store.verify()
     if damage:
         raise StoreError(f"refusing to write shards from a damaged tile store: {damage[0]}"
                          + (f" (and {len(damage) - 1} more)" if len(damage) > 1 else "")
                          + "; rebuild the damaged blocks with `maestro-data build ... --resume`")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    index_path = out / INDEX_NAME
-    index_path.unlink(missing_ok=True)  # the index is the commit marker: it must not outlive a rewrite
-    for stale in (*out.rglob("*.tar.tmp"), *out.rglob("*.json.tmp")):
-        stale.unlink()
+    out = Location.of(out)
+    out.makedirs()
+    out.delete(INDEX_NAME)  # the index is the commit marker: it must not outlive a rewrite
+    if out.is_local:
+        for stale in out.path.rglob("*.tmp"):  # left by a killed local writer (a remote one leaves no object)
+            stale.unlink()
+    if not options.resume:
+        out.remove_tree(PROGRESS_DIR)
+    provenance = store.attrs.get("provenance") or {}
+    identity = json.dumps([provenance.get("build_id") or provenance.get("created"), store.attrs.get("plan_sha256"),
+                           __version__, options.seed, options.shard_bytes])
+    job = _Job(store.location, out, identity)
+    tasks = plan_shards(store, options.seed, options.shard_bytes, sample_key)
+    rows = _finished(job, tasks) if options.resume else {}
+    todo = [t for k, t in enumerate(tasks) if k not in rows]
+    with tqdm(total=int(store.valid.sum()), desc=f"shards {store.manifest.name}", unit="tile",
+              disable=options.quiet) as bar:
+        bar.update(sum(r[1] for r in rows.values()))
+        written = executor.run(_write_shard, job, todo, label="shard", on_done=lambda _, row: bar.update(row[1]))
+    by_url = {r[0]: r for r in (*rows.values(), *written)}
+    index = _index(store, tasks, by_url, options.seed)
+    out.write_bytes(INDEX_NAME, index_bytes(index), durable=True)
+    out.remove_tree(PROGRESS_DIR)
+    return index
+
+
+def _index(store: TileStore, tasks: list[ShardTask], rows: dict[str, tuple], seed: int) -> dict:
+    """The index of the planned shards (in plan order, which is the order one sequential writer would use)."""
+    by_tier: dict[tuple[str, str], list[tuple]] = {}
+    for task in tasks:
+        by_tier.setdefault((task.split, task.tier), []).append(rows[task.url])
     splits = {}
-    total = int(store.valid.sum())
-    bar = tqdm(total=total, desc=f"shards {store.manifest.name}", unit="tile", disable=options.quiet)
     for split in store.manifest.splits.names:
         tiers = {}
-        for tier, indices in store.tiers(split):
-            order = indices[permutation(len(indices), options.seed, 0, f"shards/{split}/{tier}")]
-            writer = _ShardWriter(out, split, tier, options.shard_bytes)
-            for i in order:
-                tile = store.read_tile(int(i))
-                writer.add(tile.tile_id, sample_members(tile, store.manifest.name))
-                bar.update(1)
-            tiers[tier] = writer.finish()
+        for tier, _ in store.tiers(split):
+            shard_rows = by_tier.get((split, tier), [])
+            tiers[tier] = {name: [row[c] for row in shard_rows] for c, name in enumerate(COLUMNS)}
         _, counts = store.subsets(split)
         splits[split] = {"tiers": tiers, "subsets": {str(p): c for p, c in counts.items()},
                          "samples": sum(sum(t["samples"]) for t in tiers.values())}
-    bar.close()
-    index = {
-        "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": options.seed,
+    return {
+        "format": INDEX_FORMAT, "schema": INDEX_SCHEMA, "toolkit_version": __version__, "seed": seed,
         "manifest": {"name": store.manifest.name, "sha256": store.manifest.sha256, "text": store.manifest.text},
         "splits": splits, "split_origin": store.split_origin(), "labelled": store.labelled,
     }
-    write_atomic(index_path, index_bytes(index))
-    return index

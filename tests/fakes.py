@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import zlib
 
 import numpy as np
@@ -60,6 +62,21 @@ class MemorySource(Source):
         targets = {"treesat_mlc_thresh": rng.random(15, dtype=np.float32)}
         return Tile(ref.tile_id, ref.split, ref.fold, 7.9 + rng.random(), 52.9, np.array([2019, 182, 0], np.int16),
                     series, targets)
+
+
+class DyingSource(MemorySource):
+    """A MemorySource whose process is SIGKILLed the first time it reads ``victim`` (a Dask worker dying mid-block);
+    the file ``flag`` says that it happened, so the rescheduled task reads the tile."""
+
+    def __init__(self, manifest, root, options=None, flag="", victim="", **kw):
+        super().__init__(manifest, root, options, **kw)
+        self.flag, self.victim = flag, victim
+
+    def read(self, ref):
+        if ref.tile_id == self.victim and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read(ref)
 
 
 @pytest.fixture

@@ -180,7 +180,46 @@ class MotoS3:
         self.server.stop()
 
 
-def moto_s3() -> MotoS3:
+def _serve_moto(conn) -> None:
+    """Child process: moto's server, its port sent back, then serve until terminated."""
+    import logging
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    conn.send(server.get_host_and_port())
+    while True:
+        time.sleep(3600)
+
+
+class _MotoProcess:
+    def __init__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve_moto, args=(child,), daemon=True)
+        self.process.start()
+        if not parent.poll(120):
+            self.stop()
+            raise RuntimeError("moto's server did not start within 120 s")
+        self.host, self.port = parent.recv()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+def moto_s3(own_process: bool = False) -> MotoS3:
+    """moto's S3 server in a thread of this process, or (``own_process``) in a process of its own: a test that
+    drives many requests from this process then does not share the GIL with the server (~4x faster requests)."""
+    if own_process:
+        proc = _MotoProcess()
+        return MotoS3(f"http://{proc.host}:{proc.port}", proc)
+
     import logging
 
     from moto.server import ThreadedMotoServer

@@ -283,3 +283,24 @@ def test_sample_keys_map_back_to_any_tile_id(tile_id):
 def test_memory_source_ids_are_awkward():
     ids = [r.tile_id for r in MemorySource(MANIFEST, ".").list_tiles()]
     assert all("/" in t and ":" in t and "é" in t for t in ids)
+
+
+def test_planned_sample_sizes_are_the_bytes_tarfile_writes(built):
+    """The shard planner's sizes (shard_plan) must be tarfile's own, or parallel writers would cut elsewhere."""
+    from maestro_data.shard_plan import SampleSizes, member_tar_bytes
+
+    def tar_bytes(members):
+        with tarfile.open(fileobj=io.BytesIO(), mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                tar.addfile(shards_mod._tar_member(name, len(data)), io.BytesIO(data))
+            return tar.offset
+
+    store = TileStore(built)
+    sizes = SampleSizes(store)
+    for i in range(len(store)):
+        if store.valid[i]:
+            tile = store.read_tile(i)
+            members = shards_mod.sample_members(tile, store.manifest.name)
+            assert sizes.tar_bytes(i, sample_key(tile.tile_id)) == tar_bytes(members), tile.tile_id
+    for name in ("k" * 100, "k" * 101, "é" * 30 + ".npy", "x" * 300):  # PAX headers for long or non-ASCII names
+        assert member_tar_bytes(name, 1000) == tar_bytes([(name, b"\0" * 1000)]), name
