@@ -20,9 +20,8 @@ from affine import Affine
 from pyproj import CRS
 
 from maestro_data.manifest import Manifest, load_manifest
-from maestro_data.sources.flair import MTD_DIR, SPLIT_GPKG, date_gpkg_name, date_table_key, mod_token
-from maestro_data.sources.gpkg import polygon_blob, write_feature_gpkg
 from maestro_data.synthetic import smooth_fields
+from maestro_data.synthetic.gpkg_writer import polygon_blob, write_feature_gpkg
 
 EPSG = 2154
 # (domain-year, Lambert-93 x, y of the domain's first ROI, ground elevation m): departments of the official toy set
@@ -36,6 +35,28 @@ DOMAINS = (
 LAND = ("AA", "AF", "AN", "AU", "FA", "FF", "FN", "FU", "NA", "NF", "NN", "NU", "UA", "UF", "UN", "UU")
 PER_ROI = 2  # neighbouring patches per ROI: they get different date lists (the reader keys dates per patch)
 SPOT = ("SPOT_RGBI", 4, 64, "uint16")  # MOD, bands, px, dtype (not in the manifest; datasets.md §4.2)
+# The release's own names (datasets.md §4.1, §4.3), written here and not taken from the reader: a wrong name in the
+# reader then fails the build tests instead of being generated the same way.
+MTD_FOLDER = "GLOBAL_ALL_MTD"
+SPLIT_TABLE = "GLOBAL_ALL_MTD_SPLIT"
+# folder type (the MOD of <DOM>-<YEAR>_<MOD>/) -> the GLOBAL_<KEY>_MTD_DATES table that dates it: the aerial date
+# stands for the DEM and the aerial-grid labels, the S2 mask shares the S2 dates
+DATED_BY = {"AERIAL_RGBI": "AERIAL", "DEM_ELEV": "AERIAL", "AERIAL_LABEL-COSIA": "AERIAL",
+            "ALL_LABEL-LPIS": "AERIAL", "SPOT_RGBI": "SPOT", "SENTINEL2_TS": "SENTINEL2",
+            "SENTINEL2_MSK-SC": "SENTINEL2", "SENTINEL1-ASC_TS": "SENTINEL1-ASC",
+            "SENTINEL1-DESC_TS": "SENTINEL1-DESC"}
+
+
+def dates_table(key: str) -> str:
+    return f"GLOBAL_{key}_MTD_DATES"
+
+
+def folder_type(pattern: str) -> str:
+    """``{domain}_SENTINEL2_TS/{roi}/...`` -> ``SENTINEL2_TS``."""
+    head = pattern.split("/", 1)[0]
+    if not head.startswith("{domain}_"):
+        raise ValueError(f"{pattern!r} is not a FLAIR-HUB file pattern (<DOM>-<YEAR>_<MOD>/<ROI>/...)")
+    return head.removeprefix("{domain}_")
 SPLIT_CYCLE = ("train", "train", "valid", "train", "test")  # rotated per split set: five different sets
 
 
@@ -115,15 +136,15 @@ def _write_tif(path: Path, data: np.ndarray, left: float, top: float, side: floa
 def _files(manifest: Manifest, spot: bool) -> list[tuple[str, str, int]]:
     """(pattern, date-table key, px) of every file type written."""
     out = []
-    for name, spec in manifest.modalities.items():
-        out.append((spec.source, date_table_key(spec.source, name), spec.tile_size))
+    for spec in manifest.modalities.values():
+        out.append((spec.source, DATED_BY[folder_type(spec.source)], spec.tile_size))
         if spec.cloud_mask is not None:
-            out.append((spec.cloud_mask.source, date_table_key(spec.source, name), spec.tile_size))
-    for name, t in manifest.targets.items():
-        out.append((t.source, date_table_key(t.source, name), t.tile_size))
+            out.append((spec.cloud_mask.source, DATED_BY[folder_type(spec.source)], spec.tile_size))
+    for t in manifest.targets.values():
+        out.append((t.source, DATED_BY[folder_type(t.source)], t.tile_size))
     if spot:
         pattern = f"{{domain}}_{SPOT[0]}/{{roi}}/{{domain}}_{SPOT[0]}_{{roi}}_{{pos}}.tif"
-        out.append((pattern, date_table_key(pattern, "spot"), SPOT[2]))
+        out.append((pattern, DATED_BY[SPOT[0]], SPOT[2]))
     return out
 
 
@@ -141,7 +162,7 @@ def generate(out: str | Path, tiles: int = 4, seed: int = 0, dataset: str = "fla
     if tiles < 1:
         raise ValueError(f"tiles must be >= 1, got {tiles}")
     root = Path(out) / "flair-hub"
-    (root / MTD_DIR).mkdir(parents=True, exist_ok=True)
+    (root / MTD_FOLDER).mkdir(parents=True, exist_ok=True)
     manifest = load_manifest("flair-hub")
     files = _files(manifest, spot)
     crs = rasterio.crs.CRS.from_epsg(EPSG)
@@ -162,7 +183,7 @@ def generate(out: str | Path, tiles: int = 4, seed: int = 0, dataset: str = "fla
                 dates[key][pid] = [f"{year}{rng.integers(4, 10):02d}{day}"]
         left, top, side = patch_square(pid)
         for pattern, key, size in files:
-            data = _rasters(rng, mod_token(pattern, pid), len(dates[key][pid]), size, elev)
+            data = _rasters(rng, folder_type(pattern), len(dates[key][pid]), size, elev)
             _write_tif(root / pattern.format(domain=dom, roi=roi, pos=pos), data, left, top, side, crs)
     geoms = [_footprint(pid) for pid in ids]
     wkt = CRS.from_epsg(EPSG).to_wkt("WKT1_GDAL")
@@ -170,13 +191,13 @@ def generate(out: str | Path, tiles: int = 4, seed: int = 0, dataset: str = "fla
         series = key.startswith("SENTINEL")
         rows = [(pid, json.dumps({str(t + 1): d for t, d in enumerate(table[pid])}) if series else table[pid][0])
                 for pid in ids]
-        name = date_gpkg_name(key)
-        write_feature_gpkg(root / MTD_DIR / name, name.removesuffix(".gpkg"),
+        name = dates_table(key)
+        write_feature_gpkg(root / MTD_FOLDER / f"{name}.gpkg", name,
                            [("patch_id", "TEXT"), ("acquisition_dates" if series else "date", "TEXT")], rows, geoms,
                            EPSG, wkt)
     splits = split_table(ids)
     cols = [f"split_{k}" for k in range(1, 6)] + ["split_flairchallenge"]
-    write_feature_gpkg(root / MTD_DIR / SPLIT_GPKG, SPLIT_GPKG.removesuffix(".gpkg"),
+    write_feature_gpkg(root / MTD_FOLDER / f"{SPLIT_TABLE}.gpkg", SPLIT_TABLE,
                        [("patch_id", "TEXT"), *((c, "TEXT") for c in cols)],
                        [(pid, *(splits[pid][c] for c in cols)) for pid in ids], geoms, EPSG, wkt)
     if flair2_csv if flair2_csv is not None else dataset == "flair2":
@@ -218,7 +239,7 @@ def _write_official_csvs(root: Path, ids: list[str], splits: dict[str, dict[str,
                          files: list[tuple[str, str, int]]) -> None:
     """Official-style split CSVs (split_1): patch_id + one ``../<DOM>-<YEAR>_<MOD>/<ROI>/<file>.tif`` column per MOD."""
     (root / "csv").mkdir(exist_ok=True)
-    patterns = sorted(((mod_token(p, "csv"), p) for p, _, _ in files))
+    patterns = sorted(((folder_type(p), p) for p, _, _ in files))
     for stage in ("train", "valid", "test"):
         with open(root / "csv" / f"FLAIR-HUB_SYNTHETIC_{stage.upper()}.csv", "w", newline="") as fh:
             w = csv.writer(fh)

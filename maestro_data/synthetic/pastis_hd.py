@@ -17,13 +17,16 @@ import rasterio
 from rasterio.transform import Affine
 
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec, load_manifest
-from maestro_data.sources.pastis_hd import METADATA, dates_property
 from maestro_data.synthetic import smooth_fields
 
 FIRST_DAY, LAST_DAY = date(2018, 9, 1), date(2019, 11, 1)  # PASTIS acquisition window
 STEPS = (20, 30)  # time steps per series (real: S2 38-61, S1 ~70), kept small for speed
 S2_TILES = ("T30UXV", "T31TFJ", "T31TFM", "T32ULU")  # the four S2 tiles PASTIS covers
 _X_RANGE, _Y_RANGE = (600_000, 1_000_000), (6_300_000, 6_900_000)  # Lambert-93 metres, southern/eastern France
+# The release's own names (datasets.md §3), written here and not taken from the reader: a wrong name in the reader
+# then fails the build tests instead of being generated the same way.
+METADATA = "metadata.geojson"
+DATES_OF = {"DATA_S2": "dates-S2", "DATA_S1A": "dates-S1A", "DATA_S1D": "dates-S1D"}  # series folder -> property
 _RANGES = {"uint8": (0, 255), "uint16": (0, 5_000), "int16": (0, 5_000), "float32": (-30.0, 5.0)}
 
 
@@ -140,7 +143,7 @@ def generate(out: str | Path, tiles: int = 8, seed: int = 0, dataset: str = "pas
             dates = _dates(rng, int(rng.integers(STEPS[0], STEPS[1] + 1)))
             data = _series(rng, spec, len(dates))
             np.save(path, data)
-            key = dates_property(spec.source)
+            key = DATES_OF[spec.source.split("/", 1)[0]]
             props[key] = _dates_value(dates, (i + j) % 3)
             acc = stats.setdefault(key, {}).setdefault(fold, [0.0, 0.0, 0])
             sample = data[:, :, ::4, ::4].astype(np.float64)  # a 1/16 pixel sample is plenty for statistics
