@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maestro_model.taps import Tapped
+
 POOL_HEADS = 8
 
 
@@ -46,7 +48,7 @@ def make_reduce(kind: str, dim: int) -> nn.Module:
     return AttentiveReduce(dim) if kind == "attentive" else MeanReduce()
 
 
-class MultilabelHead(nn.Module):
+class MultilabelHead(Tapped, nn.Module):
     """Attentive pooling (or a mean) over every encoder token of every modality, then Linear(C_e, K)."""
 
     def __init__(self, dim: int, num_classes: int, pool: str = "attentive"):
@@ -54,16 +56,16 @@ class MultilabelHead(nn.Module):
         self.reduce = make_reduce(pool, dim)
         self.linear = nn.Linear(dim, num_classes)
 
-    def forward(self, feats: dict[str, torch.Tensor], record: dict | None = None, name: str = "") -> torch.Tensor:
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """``feats``: modality -> ``[B, G*D, L, C]`` in modality order -> logits ``[B, K]``."""
         tokens = torch.cat([f.flatten(1, 2) for f in feats.values()], dim=1)
         pooled = self.reduce(tokens)
-        if record is not None:
-            record[f"head_pooled_{name}"] = pooled
+        if self.tapping:
+            self.tap({"head_pooled": pooled})
         return self.linear(pooled)
 
 
-class SegmentationHead(nn.Module):
+class SegmentationHead(Tapped, nn.Module):
     """Features resized bilinearly to the reference token grid, pooled per position over all modalities and dates,
     then a 1x1 conv C_e -> K*p^2 read as (p1, p2, K) and pixel-shuffled to ``[B, K, g*p, g*p]``."""
 
@@ -83,15 +85,15 @@ class SegmentationHead(nn.Module):
         x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
         return x.permute(0, 2, 3, 1).reshape(b, t, r * r, c)
 
-    def forward(self, feats: dict[str, torch.Tensor], record: dict | None = None, name: str = "") -> torch.Tensor:
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         aligned = {m: self.align(f) for m, f in feats.items()}
-        if record is not None:
-            record.update({f"seg_aligned_{m}": a for m, a in aligned.items()})
+        if self.tapping:
+            self.tap({f"seg_aligned_{m}": a for m, a in aligned.items()})
         x = torch.cat(list(aligned.values()), dim=1)
         b, t, n, c = x.shape
         pooled = self.reduce(x.transpose(1, 2).reshape(b * n, t, c))
-        if record is not None:
-            record[f"head_pooled_{name}"] = pooled
+        if self.tapping:
+            self.tap({"head_pooled": pooled})
         g, p, k = self.ref_grid, self.patch, self.num_classes
         y = self.conv(pooled.reshape(b, g, g, c).permute(0, 3, 1, 2))
         y = y.reshape(b, p, p, k, g, g).permute(0, 3, 4, 1, 5, 2)

@@ -34,6 +34,7 @@ from maestro_model.masking import (
     to_rows,
     visible_index,
 )
+from maestro_model.taps import Tapped
 from maestro_model.tokenizer import Patchify, Pixelify
 from maestro_model.transformer import Transformer
 
@@ -179,7 +180,7 @@ def _validate(manifest: Manifest, cfg: ModelConfig) -> None:
                                  f"divisible by the reference ({manifest.ref_input}) token grid {grid}")
 
 
-class MaestroModel(nn.Module):
+class MaestroModel(Tapped, nn.Module):
     """MAESTRO for one manifest; ``forward(batch, phase)`` runs pre-training or the downstream heads."""
 
     def __init__(self, manifest: Manifest, config: ModelConfig):
@@ -255,7 +256,7 @@ class MaestroModel(nn.Module):
         if self.config.debug_checks and not bool(torch.isfinite(x).all()):
             raise ModelError(f"{self.manifest.name}: non-finite values in {name}")
 
-    def tokenize(self, x: dict[str, torch.Tensor], batch: dict, record: dict | None = None) -> dict:
+    def tokenize(self, x: dict[str, torch.Tensor], batch: dict) -> dict:
         """Per modality: patch embedding + spatial + temporal encoding -> ``[B, G*D, L, C_e]``."""
         ref = torch.as_tensor(batch["ref_date"])
         out = {}
@@ -265,9 +266,9 @@ class MaestroModel(nn.Module):
             date = self._dates(batch, m, ref, self.config.embed_dim, e.device)
             out[m] = e + pos + date
             self._finite(f"embedded tokens of {m}", out[m])
-            if record is not None:
-                record.update({f"embed_{m}": e, f"enc_pos_{m}": pos, f"enc_date_{m}": date.expand_as(e),
-                               f"tokens_{m}": out[m]})
+            if self.tapping:
+                self.tap({f"embed_{m}": e, f"enc_pos_{m}": pos, f"enc_date_{m}": date.expand_as(e),
+                          f"tokens_{m}": out[m]})
         return out
 
     # ----------------------------------------------------------------------------------------------- encoder
@@ -289,26 +290,26 @@ class MaestroModel(nn.Module):
             out.update(from_rows(rows[s.name], s, self.layouts))
         return {m: out[m] for m in self.manifest.modalities}
 
-    def encode(self, tokens: dict[str, torch.Tensor], record: dict | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All tokens through the encoders (no masking) -> per modality ``[B, G*D, L, C_e]``."""
         group_out, final = self.encode_rows({s.name: to_rows(tokens, s) for s in self.sequences})
         feats = self._ungroup(final)
-        if record is not None:
+        if self.tapping:
             if self.encoder_inter is not None:
-                record.update({f"enc_group_out_{m}": v for m, v in self._ungroup(group_out).items()})
-            record.update({f"enc_out_{m}": v for m, v in feats.items()})
+                self.tap({f"enc_group_out_{m}": v for m, v in self._ungroup(group_out).items()})
+            self.tap({f"enc_out_{m}": v for m, v in feats.items()})
         for m, v in feats.items():
             self._finite(f"encoder output of {m}", v)
         return feats
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict, phase: str, *, mask: dict[str, torch.Tensor] | None = None,
-                generator: torch.Generator | None = None, record: dict | None = None):
+                generator: torch.Generator | None = None):
         """``pretrain`` -> :class:`PretrainOutput`; ``probe`` (features detached) / ``finetune`` -> target -> logits
         (multilabel ``[B, K]``, segmentation ``[B, K, H_t, W_t]``). ``mask``: a fixed final token mask per modality
         (``[B, G*D, L]`` bool, same count in every sequence) instead of sampling one with ``generator``, which
-        pre-training without ``mask`` requires (masks never come from torch's global RNG). ``record``: a dict that
-        receives the intermediate tensors under the oracle's names."""
+        pre-training without ``mask`` requires (masks never come from torch's global RNG). Intermediate tensors are
+        offered under the oracle's names to tap hooks (``taps.recording``)."""
         if phase not in PHASES:
             raise ModelError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         if phase == "pretrain" and mask is None and not isinstance(generator, torch.Generator):
@@ -317,13 +318,13 @@ class MaestroModel(nn.Module):
                              f"got generator={generator!r}")
         size = check_batch(self.manifest, batch, values=self.config.debug_checks)
         x = self.prepare(batch)
-        tokens = self.tokenize(x, batch, record)
+        tokens = self.tokenize(x, batch)
         if phase == "pretrain":
-            return self._pretrain(x, tokens, batch, size, mask, generator, record)
-        feats = self.encode(tokens, record)
+            return self._pretrain(x, tokens, batch, size, mask, generator)
+        feats = self.encode(tokens)
         if phase == "probe":
             feats = {m: f.detach() for m, f in feats.items()}
-        return {t: head(feats, record, t) for t, head in self.heads.items()}
+        return {t: head(feats) for t, head in self.heads.items()}
 
     def _check_mask(self, mask: dict[str, torch.Tensor], size: int,
                     device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -346,7 +347,7 @@ class MaestroModel(nn.Module):
         return out, visible
 
     def _pretrain(self, x: dict, tokens: dict, batch: dict, size: int, mask: dict | None,
-                  generator: torch.Generator | None, record: dict | None) -> PretrainOutput:
+                  generator: torch.Generator | None) -> PretrainOutput:
         """Masked autoencoding of one batch: ``mask`` if given, else masks drawn from ``generator`` (checked by
         ``forward``)."""
         device = next(iter(tokens.values())).device
@@ -373,18 +374,18 @@ class MaestroModel(nn.Module):
             vis = self._module(self.enc_to_dec, s.name)(enc_out[s.name])
             # every masked slot keeps its own modality's (and band group's) mask token
             dec_in[s.name] = to_rows(mt, s).scatter(1, keep_idx[s.name].expand(-1, -1, cd), vis)
-            if record is not None:
-                record.update({f"mask_group_{s.name}": mask_rows[s.name], f"enc_in_visible_{s.name}": visible[s.name],
-                               f"enc_group_out_visible_{s.name}": group_out[s.name],
-                               f"enc_out_visible_{s.name}": enc_out[s.name], f"enc_to_dec_{s.name}": vis,
-                               f"dec_in_{s.name}": dec_in[s.name]})
+            if self.tapping:
+                self.tap({f"mask_group_{s.name}": mask_rows[s.name], f"enc_in_visible_{s.name}": visible[s.name],
+                          f"enc_group_out_visible_{s.name}": group_out[s.name],
+                          f"enc_out_visible_{s.name}": enc_out[s.name], f"enc_to_dec_{s.name}": vis,
+                          f"dec_in_{s.name}": dec_in[s.name]})
         ref = torch.as_tensor(batch["ref_date"]).to(device)
         per_mod = self._ungroup(dec_in)
         for m, v in per_mod.items():
             date = self._dates(batch, m, ref, cd, device)
             per_mod[m] = v + getattr(self, f"dec_pos_{m}") + date
-            if record is not None:
-                record[f"dec_date_{m}"] = date.expand_as(v)
+            if self.tapping:
+                self.tap({f"dec_date_{m}": date.expand_as(v)})
         dec_rows = {s.name: to_rows(per_mod, s) for s in self.sequences}
         dec_out = self._ungroup({k: self._module(self.decoder, k)(v) for k, v in dec_rows.items()})
         mods = self.manifest.modalities
@@ -393,11 +394,11 @@ class MaestroModel(nn.Module):
             self._finite(f"reconstruction of {m}", v)
         loss, losses = reconstruction_loss(x, pixels, masks, self.recon_specs, loss=self.config.loss,
                                            norm=self.config.norm, weighting=self.config.loss_weighting)
-        if record is not None:
-            record.update({f"dec_in_with_enc_{k}": v for k, v in dec_rows.items()})
-            record.update({f"dec_out_{m}": v for m, v in dec_out.items()})
-            record.update({f"pixels_rec_{m}": v for m, v in pixels.items()})
-            record.update({f"mask_tokens_{m}": v for m, v in masks.items()})
+        if self.tapping:
+            self.tap({f"dec_in_with_enc_{k}": v for k, v in dec_rows.items()})
+            self.tap({f"dec_out_{m}": v for m, v in dec_out.items()})
+            self.tap({f"pixels_rec_{m}": v for m, v in pixels.items()})
+            self.tap({f"mask_tokens_{m}": v for m, v in masks.items()})
         self._finite("reconstruction loss", loss)
         return PretrainOutput(loss=loss, losses=losses, pixels=pixels, mask=masks)
 

@@ -20,6 +20,7 @@ from conftest import ORACLE, ORACLE_CASES, ORACLE_IS_COMPACT, require
 from maestro_model.checkpoints import load_weights
 from maestro_model.masking import sample_masks, to_rows
 from maestro_model.model import DIM_KEYS, build_model
+from maestro_model.taps import recording
 from maestro_model.tokenizer import token_mask_to_pixels
 
 CASES = {"treesat_group": "treesatai-ts", "treesat_intergroup": "treesatai-ts",
@@ -76,10 +77,11 @@ def run(request):
     batch = {k: torch.from_numpy(v) for k, v in np.load(case_dir / "inputs.npz").items()}
     finetune, pretrain = dict(np.load(case_dir / "finetune.npz")), dict(np.load(case_dir / "pretrain.npz"))
     fixed = {m: torch.from_numpy(pretrain[f"mask_tokens_{m}"]) for m in model.manifest.modalities}
-    rec_ft, rec_pt = {}, {}
     with torch.no_grad():
-        logits = model(batch, "finetune", record=rec_ft)
-        out = model(batch, "pretrain", mask=fixed, record=rec_pt)
+        with recording(model) as rec_ft:
+            logits = model(batch, "finetune")
+        with recording(model) as rec_pt:
+            out = model(batch, "pretrain", mask=fixed)
         target = model.prepare(batch)
     return dict(case=request.param, dir=case_dir, model=model, report=report, batch=batch, logits=logits, out=out,
                 target=target, rec_ft=rec_ft, rec_pt=rec_pt, finetune=finetune, pretrain=pretrain,

@@ -27,6 +27,7 @@ from maestro_model.masking import (
     visible_index,
 )
 from maestro_model.model import FUSIONS, ModelError, build_model
+from maestro_model.taps import recording
 
 
 def tiny(dataset: str, fusion: str = "group", **kw):
@@ -139,14 +140,38 @@ def test_mask_tokens_land_on_their_own_modality_in_the_s1_group():
     with torch.no_grad():
         model.mask_token["s1_asc"].fill_(1.0)
         model.mask_token["s1_des"].fill_(2.0)
-    rec: dict = {}
-    with torch.no_grad():
-        out = model(make_batch(model.manifest, 8), "pretrain", generator=torch.Generator().manual_seed(3), record=rec)
+    with torch.no_grad(), recording(model) as rec:
+        out = model(make_batch(model.manifest, 8), "pretrain", generator=torch.Generator().manual_seed(3))
     dec_in, mask = rec["dec_in_s1"], rec["mask_group_s1"]
     n_asc = model.layouts["s1_asc"].pseudo_dates * model.layouts["s1_asc"].tokens
     assert torch.equal(mask[:, :n_asc], out.mask["s1_asc"].flatten(1))
     assert (dec_in[:, :n_asc][mask[:, :n_asc]] == 1.0).all() and (dec_in[:, n_asc:][mask[:, n_asc:]] == 2.0).all()
     assert mask[:, :n_asc].any() and mask[:, n_asc:].any()
+
+
+def test_tap_hooks_see_the_named_intermediates_only_while_attached():
+    model = tiny("flair-hub", "group")
+    batch = make_batch(model.manifest, 2)
+    assert not model.tapping
+    with torch.no_grad(), recording(model) as rec:
+        assert model.tapping and all(h.tapping for h in model.heads.values())
+        logits = model(batch, "finetune")
+    assert not model.tapping and not any(h.tapping for h in model.heads.values())
+    mods = list(model.manifest.modalities)
+    for m in mods:
+        assert rec[f"tokens_{m}"].shape == rec[f"embed_{m}"].shape
+        assert f"enc_out_{m}" in rec and f"seg_aligned_{m}" in rec
+    for target, out in logits.items():
+        assert rec[f"head_pooled_{target}"].shape[0] == out.shape[0] * model.heads[target].ref_grid ** 2
+    names: list[str] = []
+    handle = model.register_tap_hook(lambda name, t: names.append(name))
+    with torch.no_grad():
+        model(batch, "pretrain", generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert {f"pixels_rec_{m}" for m in mods} <= set(names) and not model.tapping
+    with torch.no_grad():
+        again = model(batch, "finetune")  # no observer: same outputs, nothing recorded
+    assert all(torch.equal(again[t], logits[t]) for t in logits)
 
 
 def test_visible_index_keeps_ascending_positions_with_a_static_shape():
