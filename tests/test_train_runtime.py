@@ -168,3 +168,14 @@ def test_pretraining_validation_is_named_held_in_and_old_runs_plot_under_the_new
     (tmp_path / "pretrain" / "metrics.json").write_text(json.dumps(old))
     record = read_run(tmp_path)["pretrain"]["epochs"][0]
     assert record["pretrain_loss_rec/heldin_val"] == 0.5 and "pretrain_loss_rec/val" not in record
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                         ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312),
+                                         ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
+                                         ("Tesla V100-SXM2-16GB", None)])
+def test_peak_bf16_flops_by_gpu_name(name, tflops):
+    from maestro_model.hardware import peak_bf16_flops
+
+    peak = peak_bf16_flops(name)
+    assert (peak / 1e12 if peak else None) == tflops
