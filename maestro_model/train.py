@@ -87,7 +87,6 @@ class Trainer:
         self._restore_determinism = runtime.set_deterministic(cfg.train.deterministic)
         self.acc = make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self._claim_output_dir()
         self.manifest = load_manifest(cfg.data.manifest)
         if not cfg.data.index:
             raise TrainError("data.index is not set: give the shard index (path or URL) of a built dataset")
@@ -98,6 +97,7 @@ class Trainer:
             raise TrainError(f"{self.index_location}: built with --no-targets (no labels): it can be predicted "
                              "(maestro-model predict), not trained on")
         self._check_subset()
+        self._claim_output_dir()  # after the inputs are known good: --overwrite removes nothing for a doomed run
         self.steps_run = 0  # optimizer steps taken by this process (train.exit_after_steps)
         self.loaders: list[StreamLoader] = []  # this phase's loaders: their worker processes stop with the phase
         self.threads = cfg.train.threads or torch.get_num_threads()  # intra-op threads :meth:`run` computes with
