@@ -4,9 +4,10 @@ CPU (default): for each dataset's shapes, the same model and batch are timed wit
 ``torch.nn.functional.scaled_dot_product_attention`` and with an explicit ``softmax(QK^T/sqrt(d)) V`` (the
 official vit-pytorch computation) swapped in, in one run, so the ratio is measured side by side.
 CUDA (``--device cuda``): bf16 autocast, flash SDPA, optional ``--compile``; FLAIR-HUB pre-training at the
-largest batch that fits (doubling search), reporting samples/s and MFU = achieved FLOPs / peak (989e12, H100
-dense bf16). FLOPs per sample come from torch's flop counter on our model (forward + backward, batch of 1).
-The last printed line is one JSON object with every figure.
+largest batch that fits (doubling search), reporting samples/s and MFU = achieved FLOPs / peak dense bf16 FLOP/s of
+the detected GPU (:mod:`maestro_model.hardware`: H100 SXM/PCIe/NVL, H200, A100, L40S, ...; ``--peak-tflops``
+for another one; MFU is null when neither gives a peak). FLOPs per sample come from torch's flop counter on our
+model (forward + backward, batch of 1). The last printed line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maestro_data.manifest import load_manifest
 from maestro_model.flops import count_parameters, example_batch, implementation_counts
+from maestro_model.hardware import peak_bf16_flops
 from maestro_model.model import build_model
 
-H100_BF16_PEAK = 989e12
 DATASETS = ("treesatai-ts", "pastis-hd", "flair2", "flair-hub")
 
 
@@ -166,10 +167,12 @@ def cuda_run(args: argparse.Namespace) -> dict[str, Any]:
         sec = timed(lambda: train_step(runner, batch, g, autocast), args.warmup + 2, max(args.iters, 5),
                     torch.cuda.synchronize)
     achieved = flops * lo / sec
-    return {"device": torch.cuda.get_device_name(), "dataset": name, "size": args.size, "fusion": args.fusion,
+    device = torch.cuda.get_device_name()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(device)
+    return {"device": device, "dataset": name, "size": args.size, "fusion": args.fusion,
             "compile": args.compile, "batch": lo, "samples_per_s": round(lo / sec, 2),
             "train_gflops_per_sample": round(flops / 1e9, 1), "achieved_tflops": round(achieved / 1e12, 1),
-            "mfu": round(achieved / H100_BF16_PEAK, 4),
+            "peak_bf16_tflops": peak / 1e12 if peak else None, "mfu": round(achieved / peak, 4) if peak else None,
             "max_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of the GPU for the MFU (default: looked up by its name)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the flop count (CPU)")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:

@@ -32,7 +32,8 @@ def _overrides(phases: tuple[str, ...], opts: dict) -> dict:
     for name, key in simple.items():
         if opts.get(name) is not None:
             out[key] = opts[name]
-    for flag, key in (("cpu", "cpu"), ("quiet", "quiet"), ("trust_checkpoint", "init_trust")):
+    for flag, key in (("cpu", "cpu"), ("quiet", "quiet"), ("trust_checkpoint", "init_trust"),
+                      ("overwrite", "overwrite"), ("deterministic", "deterministic")):
         if opts.get(flag):
             out[f"train.{key}"] = True
     for name, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "base_lr"),
@@ -53,8 +54,8 @@ def _options(f):
                      help="TOML configuration ([data], [model], [train], [pretrain], [probe], [finetune])."),
         click.option("--manifest", help="Dataset manifest: built-in name or TOML path."),
         click.option("--index", help="Shard index.json (or its folder): path or URL."),
-        click.option("--subset", type=click.Choice(["5", "20", "100"]), callback=lambda c, p, v: v and int(v),
-                     help="Percent of the training split(s)."),
+        click.option("--subset", type=click.IntRange(1, 100),
+                     help="Percent of the training split(s): 100 or any tier the shards hold (build --percents)."),
         click.option("--size", help="Model size: tiny | small | base (medium) | large."),
         click.option("--fusion", help="shared | monotemp | mod | group | inter-group."),
         click.option("--epochs", type=click.IntRange(0), help="Epochs of every phase this command runs."),
@@ -66,6 +67,10 @@ def _options(f):
         click.option("--workers", type=click.IntRange(0), help="Loader worker processes per rank."),
         click.option("--output-dir", help="Run folder: config, checkpoints, exported weights, metrics."),
         click.option("--resume", help="'auto' (latest checkpoint of --output-dir) or a checkpoint folder."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace another run's outputs of these phases in --output-dir (refused without it)."),
+        click.option("--deterministic", is_flag=True,
+                     help="Deterministic algorithms (train.deterministic; what it covers: README, Training)."),
         click.option("--init", help="Initial weights: official IGNF .ckpt, state dict or maestro safetensors."),
         click.option("--trust-checkpoint", is_flag=True,
                      help="Unpickle --init fully, running any code it names (only for files you trust; official "
@@ -105,7 +110,8 @@ def _run(command: str, config_path: Path | None, show_config: bool, **opts) -> N
                    f"{res['samples_per_s']:.1f} train samples/s")
         for k, v in shown.items():
             click.echo(f"  {k} = {v:.4f}" if isinstance(v, float) else f"  {k} = {v}")
-        click.echo(f"  weights: {out / phase / 'model.safetensors'}; metrics: {out / phase / 'metrics.json'}")
+        ema = " (+ model-ema.safetensors, the EMA that evaluated it)" if phase == "finetune" and cfg.train.ema else ""
+        click.echo(f"  weights: {out / phase / 'model.safetensors'}{ema}; metrics: {out / phase / 'metrics.json'}")
     click.echo(f"outputs in {out}/ (config.toml, steps.jsonl, checkpoints/, one folder per phase)")
     (out / "summary.json").write_text(json.dumps({p: {k: v for k, v in r.items() if k != "history"}
                                                   for p, r in results.items()}, indent=1))

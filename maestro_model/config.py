@@ -21,11 +21,12 @@ from maestro_data.errors import MaestroError
 PHASES = ("pretrain", "probe", "finetune")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # keys that only say where/how a run is logged or stored: they may change when a run is resumed
-# (train.threads too: a resumed job may land on another machine; the trainer warns that its bits may then differ)
+# (train.threads and train.deterministic too: a resumed job may land on another machine; the trainer warns that its
+# bits may then differ)
 RUN_ONLY = {"data.index", "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.retries",
             "data.timeout_s", "train.output_dir", "train.resume", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "train.trace", "train.exit_after_steps", "train.quiet",
-            "train.threads"}
+            "train.threads", "train.deterministic", "train.overwrite"}
 # keys that no longer exist, with why: a config naming one is refused with that reason; a checkpoint that recorded
 # one still resumes (the key never changed what was trained)
 RETIRED = {"data.fold": "PASTIS-HD folds are chosen when building the dataset (maestro-data build pastis-hd --fold "
@@ -40,7 +41,7 @@ class ConfigError(MaestroError):
 class DataConfig:
     manifest: str = "treesatai-ts"  # built-in manifest name or path to a manifest TOML
     index: str = ""                 # shard index.json (or its folder), a path or URL
-    subset: int = 100               # 5 | 20 | 100 % of the training split(s)
+    subset: int = 100               # % of the training split(s): 100 or a tier the shards hold (build --percents)
     num_workers: int = 2            # loader worker processes per rank
     cache_dir: str = ""             # node-local cache of remote shards ("": none); see the README's streaming section
     cache_limit_gb: float = 0.0     # LRU bound of cache_dir (0: unbounded)
@@ -75,6 +76,7 @@ class TrainSection:
     ema: bool = True
     output_dir: str = "runs/maestro"
     resume: str = ""                # "" | "auto" (latest checkpoint in output_dir) | a checkpoint folder
+    overwrite: bool = False         # replace another run's outputs of these phases in output_dir (else refused)
     checkpoint_every: int = 0       # optimizer steps between checkpoints (0: at epoch ends only)
     keep_checkpoints: int = 2
     init: str = ""                  # weights to start from: official IGNF .ckpt, state dict or our safetensors
@@ -87,7 +89,9 @@ class TrainSection:
     cpu: bool = False               # force CPU even where a GPU exists
     threads: int = 0                # intra-op CPU threads per process (0: torch's default). CPU sums are split per
                                     # thread, so bit-identical (resumed) CPU runs need the same count throughout
-    log_every: int = 10             # optimizer steps between step-log lines
+    log_every: int = 10             # optimizer steps between loss reductions (one all-reduce and host read each):
+                                    # steps.jsonl, the progress bar and trackers are written then
+    deterministic: bool = False     # torch deterministic algorithms (+ CUBLAS_WORKSPACE_CONFIG, no cuDNN autotune)
     trace: bool = False             # per-rank JSONL of every step's loss and tile ids (tests, debugging)
     exit_after_steps: int = 0       # simulate a preemption: hard exit after this many optimizer steps (tests)
     quiet: bool = False
@@ -217,8 +221,8 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{origin}: {key}: {msg}")
 
-    if cfg.data.subset not in (5, 20, 100):
-        raise bad("data.subset", f"must be 5, 20 or 100, got {cfg.data.subset}")
+    if not 1 <= cfg.data.subset <= 100:
+        raise bad("data.subset", f"must be a percentage 1..100 (a tier of the shards, or 100), got {cfg.data.subset}")
     if cfg.data.num_workers < 0:
         raise bad("data.num_workers", "must be >= 0")
     if cfg.data.retries < 0 or cfg.data.timeout_s <= 0 or cfg.data.cache_limit_gb < 0:
@@ -234,6 +238,9 @@ def _validate(cfg: TrainConfig, origin: str) -> None:
         raise bad("train.init_settings", f"must be check, warn or ignore, got {cfg.train.init_settings!r}")
     if cfg.train.init_ema not in ("checkpoint", "restart"):
         raise bad("train.init_ema", f"must be checkpoint or restart, got {cfg.train.init_ema!r}")
+    if cfg.train.resume and cfg.train.overwrite:
+        raise bad("train.overwrite", f"contradicts train.resume = {cfg.train.resume!r}: resume continues the run in "
+                                     "output_dir, overwrite replaces it; give one")
     for key in ("checkpoint_every", "exit_after_steps", "threads"):
         if getattr(cfg.train, key) < 0:
             raise bad(f"train.{key}", "must be >= 0")

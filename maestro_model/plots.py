@@ -18,6 +18,9 @@ from maestro_data.inspect.figures import new_figure, save_png
 from maestro_model.config import PHASES
 
 SKIPPED_METRICS = ("epoch", "samples_per_s")
+# metric names of older runs -> today's: the pretraining validation loss was named as if held out, but pretraining
+# reads the val split (every built-in manifest pretrains on train + val)
+RENAMED_METRICS = {"pretrain_loss_rec/val": "pretrain_loss_rec/heldin_val"}
 
 
 def read_steps(path: Path) -> dict[str, dict[int, dict]]:
@@ -64,6 +67,7 @@ def read_run(run_dir: str | Path) -> dict[str, dict[str, Any]]:
         epochs = json.loads(metrics.read_text())["history"] if metrics.is_file() else []
         if not epochs and phase == running:
             epochs = running_epochs
+        epochs = [{RENAMED_METRICS.get(k, k): v for k, v in r.items()} for r in epochs]
         if phase in steps or epochs:
             out[phase] = {"steps": [(s, r["loss"], r["lr"]) for s, r in sorted(steps.get(phase, {}).items())],
                           "epochs": epochs, "finished": metrics.is_file()}

@@ -1,5 +1,6 @@
-"""The epoch loop of one training phase, the evaluation pass and their helpers (driven by
-:class:`maestro_model.train.Trainer`; this module does not import it, so the dependency goes one way)."""
+"""One training phase cut into its parts -- plan, micro-batch, optimizer step, epoch, end of epoch -- and the
+evaluation pass (driven by :class:`maestro_model.train.Trainer`; this module does not import it, so the dependency
+goes one way). Losses stay on the device between logging intervals (:mod:`maestro_model.loss_meter`)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from maestro_data.errors import MaestroError
 from maestro_data.stream import StreamLoader, to_model_batch
 from maestro_model import schedule
+from maestro_model.config import PhaseConfig
+from maestro_model.loss_meter import LossMeter, TrainError, Where
 from maestro_model.losses import multilabel_loss, segmentation_loss
 from maestro_model.metrics import MultilabelCounts, SegmentationCounts
 
@@ -27,8 +29,7 @@ log = logging.getLogger("maestro.train")
 EXIT_PREEMPTED = 75  # exit status of a simulated preemption (train.exit_after_steps)
 
 
-class TrainError(MaestroError):
-    """Training cannot start or go on (bad checkpoint, data/config mismatch, non-finite loss)."""
+__all__ = ["EXIT_PREEMPTED", "Progress", "TrainError", "evaluate", "run_phase"]
 
 
 @dataclass
@@ -94,17 +95,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def nonfinite_report(inputs: dict, terms: dict[str, torch.Tensor], prepared: dict[str, torch.Tensor]) -> str:
-    """Which modality produced a non-finite loss: a non-finite input, else a non-finite per-modality loss term."""
-    bad = [m for m, x in prepared.items() if not bool(torch.isfinite(x).all())]
-    if bad:
-        return f"non-finite input values in modality {', '.join(bad)}"
-    bad = [m for m, t in terms.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        return f"non-finite loss term of modality {', '.join(bad)} (inputs are finite: the weights diverged)"
-    return "every input and term is finite on this rank"
-
-
 def _tile_ids(batch: dict) -> list[str]:
     return [str(i) for i in batch.get("tile_id", [])]
 
@@ -122,123 +112,189 @@ def _append(path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _check_finite(tr, progress: Progress, loss: torch.Tensor, terms: dict, inputs: dict, batch: dict) -> float:
-    """Mean loss over ranks; every rank raises together if any rank's loss is not finite."""
-    stats = tr.acc.reduce(torch.stack([loss.detach().float().nan_to_num(0.0, 0.0, 0.0),
-                                       (~torch.isfinite(loss.detach())).float()]), "sum")
-    if stats[1] == 0:
-        return float(stats[0]) / tr.world
-    mine = None
-    if not bool(torch.isfinite(loss.detach())):
-        with torch.no_grad():
-            why = nonfinite_report(inputs, terms, tr.raw.prepare(inputs))
-        mine = f"rank {tr.rank}: loss {float(loss.detach())}; {why}; tiles {_tile_ids(batch)}"
-    reports = [r for r in gather_object([mine]) if r]
-    raise TrainError(f"{progress.phase} epoch {progress.epoch} optimizer step {progress.step} (batch "
-                     f"{progress.batch}): non-finite loss: " + " | ".join(reports))
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    """What a phase is fixed to before its first batch."""
+
+    phase: str
+    pc: PhaseConfig
+    loader: StreamLoader
+    batches: int            # per rank and epoch
+    steps: int              # optimizer steps of the phase
+    global_batch: int
+    peak: float
+    final: float
+    alpha: float
+    val: StreamLoader
+    test: StreamLoader | None
+    trace: Path | None
 
 
-def run_phase(tr, progress: Progress) -> dict:
-    """Train one phase from ``progress`` to its last epoch, validating and checkpointing; returns its metrics."""
-    cfg, acc, phase = tr.cfg, tr.acc, progress.phase
+def plan_phase(tr, progress: Progress) -> Plan:
+    """The phase's loaders (refusing a bad batch size before training), schedule and EMA rate."""
+    cfg, phase = tr.cfg, progress.phase
     pc = cfg.phase(phase)
     loader = tr.loader("pretrain" if phase == "pretrain" else "train", "train", pc.batch_size, cfg.data.subset)
     n = len(loader)
     if n == 0:
         raise TrainError(f"{phase}: the training split yields no batch of {pc.batch_size} per device on "
                          f"{tr.world} processes")
-    steps = total_steps(n, pc.epochs, pc.grad_accum)
     global_batch = pc.batch_size * pc.grad_accum * tr.world
-    peak = schedule.peak_lr(pc.base_lr, global_batch, cfg.train.lr_scaling)
-    final = schedule.final_factor(phase, cfg.train.final_lr)
-    alpha = schedule.ema_alpha(pc.epochs)
-    # built once per phase (refusing a bad evaluation batch size before training) and reused by every evaluation
+    # built once per phase and reused by every evaluation
     val = tr.loader("val", "eval", pc.batch_size, cfg.data.subset)
     test = None if phase == "pretrain" else tr.loader("test", "eval", pc.batch_size, 100)
-    if (progress.epoch, progress.batch, progress.step) == (0, 0, 0):
-        tr.opt.optimizer.state.clear()  # fresh AdamW moments per phase, as the official fresh optimizer
-    if acc.is_main_process:
-        log.info("%s: %d epochs x %d batches, global batch %d, peak LR %.3g, final LR peak/%g, EMA alpha %.3g",
-                 phase, pc.epochs, n, global_batch, peak, final, alpha)
     trace = tr.out / "trace" / f"{phase}-rank{tr.rank}.jsonl" if cfg.train.trace else None
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
+    plan = Plan(phase, pc, loader, n, total_steps(n, pc.epochs, pc.grad_accum), global_batch,
+                schedule.peak_lr(pc.base_lr, global_batch, cfg.train.lr_scaling),
+                schedule.final_factor(phase, cfg.train.final_lr), schedule.ema_alpha(pc.epochs), val, test, trace)
+    if tr.acc.is_main_process:
+        log.info("%s: %d epochs x %d batches per rank (%d processes x %d samples x %d accumulated = global batch "
+                 "%d), peak LR %.3g, final LR peak/%g, EMA alpha %.3g", phase, pc.epochs, n, tr.world, pc.batch_size,
+                 pc.grad_accum, global_batch, plan.peak, plan.final, plan.alpha)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def micro_step(tr, plan: Plan, batch: dict, epoch: int, i: int, progress: Progress, meter: LossMeter) -> None:
+    """Forward + backward of batch ``i``; gradients are all-reduced only on the window's last micro-batch."""
+    accum, n = plan.pc.grad_accum, plan.batches
+    window = min(accum, n - (i // accum) * accum)
+    sync = (i + 1) % accum == 0 or i + 1 == n
+    inputs = model_inputs(batch, tr.manifest, tr.acc.device)
+    gen = torch.Generator().manual_seed(step_seed(tr.cfg.train.seed, plan.phase, epoch, i, tr.rank))
+    with nullcontext() if sync else tr.acc.no_sync(tr.model):
+        loss, terms = _forward(tr, plan.phase, inputs, gen)
+        tr.acc.backward(loss / window)
+    meter.add(loss, terms, inputs, Where(plan.phase, epoch, i, progress.step, tuple(_tile_ids(batch))))
+    if plan.trace is not None:  # debugging aid: a host read per batch, only when asked for
+        _append(plan.trace, {"epoch": epoch, "batch": i, "loss": float(loss.detach()), "tiles": _tile_ids(batch)})
+
+
+def optimizer_step(tr, plan: Plan, progress: Progress, batch: int) -> tuple[Progress, float]:
+    """One AdamW step at the OneCycle learning rate of step ``progress.step`` -> (progress after it, that LR)."""
+    lr = schedule.onecycle_lr(progress.step, plan.steps, plan.peak, plan.final)
+    for group in tr.opt.param_groups:
+        group["lr"] = lr
+    tr.opt.step()
+    tr.opt.zero_grad(set_to_none=True)
+    tr.steps_run += 1
+    return replace(progress, batch=batch + 1, step=progress.step + 1), lr
+
+
+@dataclass
+class Tally:
+    """This epoch's sum of batch losses (means over ranks) and the steps whose records wait for the next flush."""
+
+    loss_sum: float = 0.0
+    steps: list[tuple[int, int, int, float, int]] = field(default_factory=list)  # epoch, batch, step, lr, meter slot
+
+
+def flush(tr, plan: Plan, meter: LossMeter, tally: Tally, bar: tqdm) -> None:
+    """Reduce the buffered losses (one all-reduce), add them to the epoch's sum in batch order and write the
+    waiting step records: steps.jsonl, the progress bar, the trackers. Collective: every rank calls it."""
+    means = meter.flush()
+    for m in means:  # one by one, in order: the float sum a per-batch reduction builds
+        tally.loss_sum += m
+    for epoch, batch, step, lr, slot in tally.steps:
+        if tr.acc.is_main_process:
+            _append(tr.out / "steps.jsonl", {"phase": plan.phase, "epoch": epoch, "batch": batch, "step": step,
+                                             "loss": means[slot], "lr": lr})
+        if tr.acc.log_with:
+            tr.acc.log({f"{plan.phase}_loss/step_train": means[slot], f"{plan.phase}_AdamW_lr": lr}, step=step)
+    if tally.steps:
+        bar.set_postfix(loss=f"{means[tally.steps[-1][4]]:.4f}", lr=f"{tally.steps[-1][3]:.2e}")
+    tally.steps.clear()
+
+
+# ------------------------------------------------------------------------------------------------ epochs
+def run_epoch(tr, plan: Plan, progress: Progress, history: list) -> tuple[Progress, float, float]:
+    """Train epoch ``progress.epoch`` from ``progress.batch`` -> (progress at its end, its loss sum, samples/s)."""
+    cfg, acc, loader, epoch = tr.cfg, tr.acc, plan.loader, progress.epoch
+    loader.set_epoch(epoch)
+    tally = Tally()
+    first = 0
+    if progress.loader is not None:
+        loader.load_state_dict(progress.loader)
+        first, tally.loss_sum = progress.batch, progress.loss_sum
+    progress = replace(progress, batch=first, loader=None, loss_sum=0.0)
+    tr.model.train()
+    meter = LossMeter(acc, list(tr.manifest.modalities))
+    t0, seen = time.perf_counter(), 0
+    bar = progress_bar(acc, plan.batches, f"{plan.phase} {epoch + 1}/{plan.pc.epochs}", cfg.train.quiet)
+    bar.update(first)
+    for i, batch in enumerate(loader, start=first):
+        micro_step(tr, plan, batch, epoch, i, progress, meter)
+        seen += plan.pc.batch_size * tr.world
+        bar.update(1)
+        if not ((i + 1) % plan.pc.grad_accum == 0 or i + 1 == plan.batches):
+            continue
+        progress, lr = optimizer_step(tr, plan, progress, i)
+        tally.steps.append((epoch, i, progress.step, lr, len(meter) - 1))
+        every = cfg.train.checkpoint_every
+        checkpoint = bool(every) and progress.step % every == 0 and i + 1 < plan.batches
+        preempt = bool(cfg.train.exit_after_steps) and tr.steps_run >= cfg.train.exit_after_steps
+        if checkpoint or preempt or progress.step % cfg.train.log_every == 0:
+            flush(tr, plan, meter, tally, bar)
+        if checkpoint:
+            tr.save_checkpoint(replace(progress, loader=loader.state_dict(), history=history,
+                                       loss_sum=tally.loss_sum))
+        if preempt:
+            acc.wait_for_everyone()
+            os._exit(EXIT_PREEMPTED)  # like a kill right after the step's log record: no cleanup, no checkpoint
+    flush(tr, plan, meter, tally, bar)
+    bar.close()
+    return progress, tally.loss_sum, seen / max(time.perf_counter() - t0, 1e-9)
+
+
+def end_epoch(tr, plan: Plan, progress: Progress, loss_sum: float, speed: float, history: list) -> Progress:
+    """EMA update, validation when due, the epoch's record, its checkpoint -> progress at the next epoch."""
+    acc, epoch, pc = tr.acc, progress.epoch, plan.pc
+    if epoch + 1 == pc.epochs:
+        plan.loader.close()  # its workers would otherwise build blocks of an epoch that never comes
+    record = {"epoch": epoch + 1, "train_loss": loss_sum / plan.batches, "samples_per_s": speed}
+    if tr.ema is not None:
+        tr.ema.update(tr.raw, plan.alpha)
+    if pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
+        record.update(evaluate(tr, plan.phase, "val", plan.val))
+    history.append(record)
+    if acc.is_main_process:
+        log.info("%s epoch %d/%d: %s", plan.phase, epoch + 1, pc.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    if acc.log_with:
+        acc.log({f"{plan.phase}/{k}": v for k, v in record.items() if k != "epoch"}, step=progress.step)
+    progress = Progress(plan.phase, epoch + 1, step=progress.step, history=history)
+    tr.save_checkpoint(progress)
+    return progress
+
+
+def run_phase(tr, progress: Progress) -> dict:
+    """Train one phase from ``progress`` to its last epoch, validating and checkpointing; returns its metrics."""
+    plan = plan_phase(tr, progress)
+    if (progress.epoch, progress.batch, progress.step) == (0, 0, 0):
+        tr.opt.optimizer.state.clear()  # fresh AdamW moments per phase, as the official fresh optimizer
     history = list(progress.history)
-    accum = pc.grad_accum
-    for epoch in range(progress.epoch, pc.epochs):
-        loader.set_epoch(epoch)
-        first, loss_sum = 0, 0.0
-        if epoch == progress.epoch and progress.loader is not None:
-            loader.load_state_dict(progress.loader)
-            first, loss_sum = progress.batch, progress.loss_sum
-        progress = replace(progress, epoch=epoch, batch=first, loader=None, loss_sum=0.0)
-        tr.model.train()
-        t0, seen = time.perf_counter(), 0
-        bar = progress_bar(acc, n, f"{phase} {epoch + 1}/{pc.epochs}", cfg.train.quiet)
-        bar.update(first)
-        for i, batch in enumerate(loader, start=first):
-            window = min(accum, n - (i // accum) * accum)
-            sync = (i + 1) % accum == 0 or i + 1 == n
-            inputs = model_inputs(batch, tr.manifest, acc.device)
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, phase, epoch, i, tr.rank))
-            with nullcontext() if sync else acc.no_sync(tr.model):
-                loss, terms = _forward(tr, phase, inputs, gen)
-                mean_loss = _check_finite(tr, progress, loss, terms, inputs, batch)
-                acc.backward(loss / window)
-            seen += pc.batch_size * tr.world
-            loss_sum += mean_loss
-            bar.update(1)
-            if trace is not None:
-                _append(trace, {"epoch": epoch, "batch": i, "loss": float(loss.detach()), "tiles": _tile_ids(batch)})
-            if not sync:
-                continue
-            lr = schedule.onecycle_lr(progress.step, steps, peak, final)
-            for group in tr.opt.param_groups:
-                group["lr"] = lr
-            tr.opt.step()
-            tr.opt.zero_grad(set_to_none=True)
-            progress = replace(progress, batch=i + 1, step=progress.step + 1)
-            tr.steps_run += 1
-            if acc.is_main_process:
-                _append(tr.out / "steps.jsonl", {"phase": phase, "epoch": epoch, "batch": i, "step": progress.step,
-                                                 "loss": mean_loss, "lr": lr})
-                if progress.step % cfg.train.log_every == 0:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            if acc.log_with:
-                acc.log({f"{phase}_loss/step_train": mean_loss, f"{phase}_AdamW_lr": lr}, step=progress.step)
-            every = cfg.train.checkpoint_every
-            if every and progress.step % every == 0 and i + 1 < n:
-                tr.save_checkpoint(replace(progress, loader=loader.state_dict(), history=history, loss_sum=loss_sum))
-            if cfg.train.exit_after_steps and tr.steps_run >= cfg.train.exit_after_steps:
-                acc.wait_for_everyone()
-                os._exit(EXIT_PREEMPTED)  # like a kill: no cleanup, no final checkpoint
-        bar.close()
-        elapsed = max(time.perf_counter() - t0, 1e-9)
-        if epoch + 1 == pc.epochs:
-            loader.close()  # its workers would otherwise build blocks of an epoch that never comes
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / n, "samples_per_s": seen / elapsed}
-        if tr.ema is not None:
-            tr.ema.update(tr.raw, alpha)
-        if pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
-            record.update(evaluate(tr, phase, "val", val))
-        history.append(record)
-        if acc.is_main_process:
-            log.info("%s epoch %d/%d: %s", phase, epoch + 1, pc.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
-        if acc.log_with:
-            acc.log({f"{phase}/{k}": v for k, v in record.items() if k != "epoch"}, step=progress.step)
-        progress = Progress(phase, epoch + 1, step=progress.step, history=history)
-        tr.save_checkpoint(progress)
-    if trace is not None:
-        _append(trace, {"phase_end": phase, "world_size": tr.world, "weights_sha256": weights_digest(tr.raw)})
-    result = {"phase": phase, "epochs": pc.epochs, "steps": steps, "global_batch": global_batch, "peak_lr": peak,
-              "final_lr": peak / final, "ema_alpha": alpha, "history": history,
+    for _ in range(progress.epoch, plan.pc.epochs):  # each epoch's end sets progress to the next one's start
+        progress, loss_sum, speed = run_epoch(tr, plan, progress, history)
+        progress = end_epoch(tr, plan, progress, loss_sum, speed, history)
+    if plan.trace is not None:
+        _append(plan.trace, {"phase_end": plan.phase, "world_size": tr.world, "weights_sha256": weights_digest(tr.raw)})
+    result = {"phase": plan.phase, "epochs": plan.pc.epochs, "steps": plan.steps, "global_batch": plan.global_batch,
+              "peak_lr": plan.peak, "final_lr": plan.peak / plan.final, "ema_alpha": plan.alpha, "history": history,
               "samples_per_s": history[-1]["samples_per_s"] if history else None}
-    if test is not None:
-        result["test"] = evaluate(tr, phase, "test", test)
-        if acc.log_with:
-            acc.log(result["test"], step=progress.step)
+    if plan.test is not None:
+        result["test"] = evaluate(tr, plan.phase, "test", plan.test)
+        if tr.acc.log_with:
+            tr.acc.log(result["test"], step=progress.step)
     return result
+
+
+def metric_split(manifest, phase: str, split: str) -> str:
+    """The split's name in metric keys: ``heldin_<split>`` when pretraining reads that split (the official protocol
+    pretrains on train + val), so its reconstruction loss is not read as a held-out score."""
+    return f"heldin_{split}" if phase == "pretrain" and split in manifest.splits.pretrain else split
 
 
 @torch.no_grad()
@@ -249,7 +305,8 @@ def evaluate(tr, phase: str, split: str, loader: StreamLoader) -> dict[str, floa
     acc, manifest = tr.acc, tr.manifest
     loader.set_epoch(0)  # always epoch 0: each pass of the reused loader yields what a fresh loader would
     counters = metric_counters(manifest, acc.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)  # stays on the device: no per-batch read
+    samples = 0
     use_ema = phase == "finetune" and tr.ema is not None
     tr.raw.eval()
     with tr.ema.applied(tr.raw) if use_ema else nullcontext():
@@ -267,15 +324,18 @@ def evaluate(tr, phase: str, split: str, loader: StreamLoader) -> dict[str, floa
                 loss = target_loss(manifest, logits, inputs)
                 for name, out in logits.items():
                     counters[name].update(out.float(), inputs[name])
-            sums += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=acc.device)
+            loss_sum += loss.detach().double() * count
+            samples += count
     tr.raw.train()
     loader.close()  # its workers would idle through a training epoch holding their batch memory
-    sums = acc.reduce(sums, "sum")
+    sums = acc.reduce(torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64,
+                                                       device=acc.device)]), "sum")
     if int(sums[1]) != loader.num_samples:
         raise TrainError(f"{split}: evaluated {int(sums[1])} samples across ranks, the split has "
                          f"{loader.num_samples}: the loader's padding/valid mask is inconsistent")
     kind = "rec" if phase == "pretrain" else "pred"
-    out = {f"{phase}_loss_{kind}/{split}": float(sums[0] / sums[1]), f"samples_{split}": int(sums[1])}
+    out = {f"{phase}_loss_{kind}/{metric_split(tr.manifest, phase, split)}": float(sums[0] / sums[1]),
+           f"samples_{split}": int(sums[1])}
     if phase != "pretrain":
         for name, counter in counters.items():
             total = acc.reduce(counter.counts, "sum")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def test_two_process_run_identical_weights_and_exact_coverage(shards, tmp_path):
         assert metrics["test"]["samples_test"] == 4  # each test sample counted exactly once over both ranks
         assert metrics["history"][-1]["samples_val"] == 4
     model = load_model(out / "finetune" / "model.safetensors")
-    assert model.config.embed_dim == 24 and (out / "finetune" / "model-ema.safetensors").is_file()
+    assert model.config.embed_dim == 24
+    for phase in ("pretrain", "probe", "finetune"):  # one weights file per phase, plus the EMA's
+        assert sorted(p.name for p in (out / phase).glob("*.safetensors")) == ["model-ema.safetensors",
+                                                                              "model.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -216,10 +220,11 @@ def test_resume_from_another_configuration_is_refused(resumed):
         Trainer(load_config(DEMO, _overrides(resumed["shards"], resumed["killed"], **sets))).run()
 
 
-def test_probe_starts_from_the_pretrain_export(resumed):
-    cfg = load_config(DEMO, _overrides(resumed["shards"], resumed["full"], **{"probe.epochs": 1}))
+def test_probe_starts_from_the_pretrain_export(resumed, tmp_path):
+    shutil.copytree(resumed["full"] / "pretrain", tmp_path / "pretrain")  # a run folder after `maestro-train pretrain`
+    cfg = load_config(DEMO, _overrides(resumed["shards"], tmp_path, **{"probe.epochs": 1}))
     tr = Trainer(cfg, ("probe",))
-    saved = load_file(resumed["full"] / "pretrain" / "model.safetensors")
+    saved = load_file(tmp_path / "pretrain" / "model.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in tr.raw.state_dict().items())
 
 

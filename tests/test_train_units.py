@@ -166,7 +166,7 @@ def test_config_overrides_types_and_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [("train.seed", "x", "expected int"),
-                                                     ("data.subset", 50, "5, 20 or 100"),
+                                                     ("data.subset", 0, r"percentage 1\.\.100"),
                                                      ("train.precision", "fp8", "precision"),
                                                      ("finetune.batch_size", 0, "batch_size"),
                                                      ("train.ema", 1, "expected bool"),
