@@ -11,13 +11,16 @@ from maestro_model.checkpoints import build_model_for_checkpoint, load_model, lo
 from maestro_model.model import MaestroModel
 
 HEAD_PHASES = ("finetune", "probe")  # the run phases whose export has trained heads, preferred first
+# the file each phase's evaluation measured (maestro_model.train): predictions then match the reported metrics
+EVALUATED = {"finetune": ("model-ema.safetensors", "model.safetensors"), "probe": ("model.safetensors",)}
 
 
 def export_file(run_dir: Path, ema: bool) -> Path:
-    """The weights of a training run folder: the latest phase with heads, its EMA export unless ``ema`` is off."""
+    """The weights of a training run folder: the latest phase with heads, the file its evaluation used (fine-tuning:
+    the EMA export when kept; probing: the trained weights), or its raw weights when ``ema`` is off."""
     for phase in HEAD_PHASES:
         folder = run_dir / phase
-        names = ["model-ema.safetensors", "model.safetensors"] if ema else ["model.safetensors"]
+        names = EVALUATED[phase] if ema else ("model.safetensors",)
         for name in names:
             if (folder / name).is_file():
                 return folder / name

@@ -29,6 +29,7 @@ from maestro_model import predict as predict_mod
 from maestro_model.checkpoints import save_model
 from maestro_model.model import build_model
 from maestro_model.predict import PredictOptions, predict
+from maestro_model.predict_model import export_file
 
 FLAIR = load_manifest("flair-hub")
 TINY = dict(inter_depth=1, embed_dim=24, depth=2, heads=2, dim_head=8, mlp_ratio=2, decoder_dim=24, decoder_depth=1,
@@ -270,3 +271,18 @@ def test_tile_sum_averages_overlapping_crops_in_logit_space():
     mean = ts.mean("t")
     assert mean[0, 0, 0] == 1 and mean[0, 3, 3] == 2 and mean[0, 5, 5] == 3 and mean[0, 0, 5] == 0
     assert sorted(rank_tiles(7, 0, 3) + rank_tiles(7, 1, 3) + rank_tiles(7, 2, 3)) == list(range(7))
+
+
+def test_a_run_folder_predicts_with_the_weights_its_metrics_measured(tmp_path):
+    def touch(*names):
+        for n in names:
+            (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / n).touch()
+
+    touch("probe/model.safetensors", "probe/model-ema.safetensors")
+    assert export_file(tmp_path, ema=True) == tmp_path / "probe/model.safetensors"  # probing evaluates raw weights
+    touch("finetune/model.safetensors")
+    assert export_file(tmp_path, ema=True) == tmp_path / "finetune/model.safetensors"  # train.ema = false
+    touch("finetune/model-ema.safetensors")
+    assert export_file(tmp_path, ema=True) == tmp_path / "finetune/model-ema.safetensors"
+    assert export_file(tmp_path, ema=False) == tmp_path / "finetune/model.safetensors"
