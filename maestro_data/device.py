@@ -15,11 +15,15 @@ device almost nothing (both choices measured by ``benchmarks/loader_throughput.p
   labels through the manifest's table (``collate.label_table``, built and uploaded once per target and device) on
   the device and widens both to int64. So uint8 means "stored classes" and a signed dtype "training labels"
   (``label_dtype`` is always signed).
-* ``d4_on_device``: the transpose of a D4 element is a strided copy (~1 ms per 512² float32 plane on one core);
+* ``d4_on_device``: the transpose of a D4 element is a strided copy (~0.3 ms per 512² plane on one core);
   the loader returns rasters untransformed with ``batch["d4"]`` (int64 [B], the element of each row) and
   :func:`to_model_batch` applies it to every raster and segmentation label (then drops ``d4``, so it runs once).
 
-A trainer therefore always moves batches with ``to_model_batch(batch, manifest, device)``.
+A trainer therefore always moves batches with ``to_model_batch(batch, manifest, device)``. With a CPU ``device``
+(CPU training and inference) the same work runs on the host, each raster written once into reused memory
+(:func:`_host_raster`, :class:`_HostBuffers`); the results are those of the accelerator's kernels bit for bit
+(conversions, table look-ups and D4 are exact, and the normalisation runs once on the whole converted tensor, as
+:func:`normalise_tensor` does).
 """
 
 from __future__ import annotations
