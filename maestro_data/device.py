@@ -22,8 +22,8 @@ device almost nothing (both choices measured by ``benchmarks/loader_throughput.p
 A trainer therefore always moves batches with ``to_model_batch(batch, manifest, device)``. With a CPU ``device``
 (CPU training and inference) the same work runs on the host, each raster written once into reused memory
 (:func:`_host_raster`, :class:`_HostBuffers`); the results are those of the accelerator's kernels bit for bit
-(conversions, table look-ups and D4 are exact, and the normalisation runs once on the whole converted tensor, as
-:func:`normalise_tensor` does).
+(conversions, table look-ups, D4 and one float32 division are exact; a ``log_scale`` integer modality, which no
+dataset has, is normalised on the whole tensor by :func:`normalise_`, as :func:`normalise_tensor` does).
 """
 
 from __future__ import annotations
@@ -84,9 +84,13 @@ def d4_apply_torch(x: torch.Tensor, k: int) -> torch.Tensor:
 _FAST_TRANSPOSE = 60 * 60
 
 
-def _fill(dst: torch.Tensor, src: torch.Tensor, table: torch.Tensor | None) -> None:
-    """dst := src in dst's dtype, or, with ``table``, each stored class looked up as its training label."""
-    if table is None:
+def _fill(dst: torch.Tensor, src: torch.Tensor, table: torch.Tensor | None, divisor: torch.Tensor | None = None
+          ) -> None:
+    """dst := src in dst's dtype, or, with ``table``, each stored class looked up as its training label, or, with
+    ``divisor``, float32(src) / divisor in one pass (exact: the conversion then the division of normalise_)."""
+    if divisor is not None:
+        torch.div(src, divisor, out=dst)
+    elif table is None:
         dst.copy_(src)
     else:  # one gather (int32 indices: half the temporary of int64 ones; uint8 would index as a mask)
         torch.index_select(table, 0, src.reshape(-1).to(torch.int32), out=dst.view(-1))
@@ -144,27 +148,31 @@ class _HostBuffers:
 _BUFFERS = _HostBuffers()
 
 
-def _host_raster(x: torch.Tensor, elements: list[int] | None, dtype: torch.dtype, table: torch.Tensor | None
-                 ) -> torch.Tensor:
-    """A CPU raster batch converted to ``dtype`` (or looked up in ``table``) with each row's D4 element applied,
-    written once into a new tensor: D4 runs in the source dtype (1 byte per pixel for uint8) and the conversion
-    then reads a contiguous row, so no row is copied twice in the output dtype."""
+def _host_raster(x: torch.Tensor, elements: list[int] | None, dtype: torch.dtype, table: torch.Tensor | None,
+                 divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """A CPU raster batch converted to ``dtype`` (or looked up in ``table``; or divided by ``divisor``) with each
+    row's D4 element applied, written once into a new tensor. D4 runs in the source dtype (1 byte per pixel for
+    uint8) into a scratch plane that stays in cache; the conversion then writes the output plane once. Large planes
+    go one by one (the 2-D fast transpose, and the output is not read back for a separate division), small ones a
+    row at a time (fewer calls)."""
     out = _BUFFERS.empty(x.shape, dtype)
-    if not elements or not any(elements):
-        _fill(out, x, table)
-        return out
-    if any(k & 4 for k in elements) and x.shape[-1] != x.shape[-2]:
+    ks = elements or [0] * len(x)
+    h, w = x.shape[-2:]
+    if any(k & 4 for k in ks) and h != w:
         raise ValueError(f"a D4 transpose needs square rasters, got {tuple(x.shape)}")
-    direct = table is None and x.dtype == dtype
-    row = None if direct else torch.empty(x.shape[1:], dtype=x.dtype)  # one scratch row, reused
-    for i, k in enumerate(elements):
-        if k == 0:
-            _fill(out[i], x[i], table)
-        elif direct:
-            _d4_into(out[i], x[i], k)
-        else:
-            _d4_into(row, x[i], k)
-            _fill(out[i], row, table)
+    planes = h * w >= _FAST_TRANSPOSE
+    direct = table is None and divisor is None and x.dtype == dtype  # D4 straight into the output
+    scratch = torch.empty((h, w) if planes else x.shape[1:], dtype=x.dtype)
+    for i, k in enumerate(ks):
+        pairs = zip(x[i].reshape(-1, h, w), out[i].view(-1, h, w), strict=True) if planes else ((x[i], out[i]),)
+        for src, dst in pairs:
+            if k and direct:
+                _d4_into(dst, src, k)
+                continue
+            if k:
+                _d4_into(scratch, src, k)
+                src = scratch
+            _fill(dst, src, table, divisor)
     return out
 
 
@@ -210,7 +218,10 @@ def to_model_batch(batch: dict[str, Any], manifest: Manifest, device: torch.devi
             out[key] = value.to(device, non_blocking=non_blocking)  # nothing to do: no copy on the same device
             continue
         if device.type == "cpu" and value.device.type == "cpu":
-            moved = _host_raster(value, elements, dtype, table)
+            # without a log, the division happens plane by plane while the plane is in cache (exact either way)
+            divisor = torch.full((), spec.norm_factor, dtype=torch.float32) if norm and not spec.log_scale else None
+            moved = _host_raster(value, elements, dtype, table, divisor)
+            norm = norm and divisor is None
         else:
             moved = _device_raster(value.to(device, non_blocking=non_blocking), elements, dtype, table)
         out[key] = normalise_(moved, spec.log_scale, spec.norm_factor) if norm else moved
