@@ -49,6 +49,7 @@ from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
 from maestro_data.location import Location, resolve_store
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
+from maestro_data.shard_write import write_chunks
 from maestro_data.tile import Series, Tile
 from maestro_data.unlabelled import without_targets
 
@@ -272,10 +273,10 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
             if data.dtype.kind == "f":
                 nan_count[i - lo] = np.count_nonzero(np.isnan(series.data))
         if used:
-            _dense(root[f"{name}/data"])[s0:s0 + used] = data
+            write_chunks(root[f"{name}/data"], s0, data)
             root[f"{name}/dates"][s0:s0 + used] = dates
             if mask is not None:
-                _dense(root[f"{name}/mask"])[s0:s0 + used] = mask
+                write_chunks(root[f"{name}/mask"], s0, mask)
         if data.dtype.kind == "f":  # integer rasters hold no NaN: their counts stay the fill value 0
             root[f"{name}/nan_count"][sl] = nan_count
         nans[name] = int(nan_count.sum())
@@ -285,13 +286,8 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
         for i, tile in tiles.items():
             buf[i - lo] = tile.targets[name]
         if len(rng):
-            _dense(arr)[lo:lo + len(rng)] = buf
+            write_chunks(arr, lo, buf)
     return nans
-
-
-def _dense(arr: zarr.Array) -> zarr.Array:
-    """The array with zarr's empty-chunk scan off, for writes whose every chunk holds data."""
-    return arr.with_config({"write_empty_chunks": True})
 
 
 def write_subsets(path: str | Path | Location, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],
