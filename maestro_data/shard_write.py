@@ -62,14 +62,19 @@ def _one_blosc_thread() -> Iterator[None]:
 def write_chunks(arr: zarr.Array, start: int, values: np.ndarray) -> None:
     """``arr[start:start + len(values)] = values`` with every chunk of the range written (none skipped as fill),
     the range being whole chunks of one shard, from its start."""
+    write_pieces(arr, start, len(values), [(0, values)])
+
+
+def write_pieces(arr: zarr.Array, start: int, length: int, pieces: list[tuple[int, np.ndarray]]) -> None:
+    """``write_chunks`` of ``length`` steps of zeros with each ``(offset, values)`` placed at ``offset`` steps
+    from ``start`` (sorted, not overlapping): a chunk that is one piece's own rows is compressed from it as is,
+    without the copy into a block-sized buffer (a few MB per FLAIR-HUB tile, page faults included)."""
     layout = _layout(arr)
     k, s = arr.chunks[0], arr.shards[0] if arr.shards else 0
-    plain = (layout is not None and sys.byteorder == "little" and values.dtype == arr.dtype
-             and values.dtype.byteorder in "=|<" and values.shape[1:] == arr.shape[1:]
-             and start % s == 0 and len(values) % k == 0 and 0 < len(values) <= s
-             and start + len(values) <= arr.shape[0])
+    plain = (layout is not None and sys.byteorder == "little" and arr.dtype.byteorder in "=|<"
+             and start % s == 0 and length % k == 0 and 0 < length <= s and start + length <= arr.shape[0])
     if not plain:
-        arr.with_config({"write_empty_chunks": True})[start:start + len(values)] = values
+        arr.with_config({"write_empty_chunks": True})[start:start + length] = _assemble(arr, 0, length, pieces)
         return
     _, blosc = layout
     codec = Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
@@ -77,8 +82,11 @@ def write_chunks(arr: zarr.Array, start: int, values: np.ndarray) -> None:
     index = np.full((s // k, 2), _EMPTY, dtype="<u8")
     parts, offset = [], 0
     with _one_blosc_thread():
-        for j in range(len(values) // k):
-            part = codec.encode(np.ascontiguousarray(values[j * k:(j + 1) * k]).reshape(-1).view(np.uint8))
+        for j in range(length // k):
+            chunk = _own_rows(arr, j * k, k, pieces)
+            if chunk is None:
+                chunk = _assemble(arr, j * k, k, pieces)
+            part = codec.encode(chunk.reshape(-1).view(np.uint8))
             parts.append(part)
             index[j] = offset, len(part)
             offset += len(part)
@@ -87,3 +95,23 @@ def write_chunks(arr: zarr.Array, start: int, values: np.ndarray) -> None:
     key = arr.metadata.encode_chunk_key((start // s,) + (0,) * (arr.ndim - 1))
     buf = default_buffer_prototype().buffer.from_bytes(b"".join(parts))
     sync((arr.store_path / key).set(buf))
+
+
+def _own_rows(arr: zarr.Array, a: int, n: int, pieces: list[tuple[int, np.ndarray]]) -> np.ndarray | None:
+    """Rows ``a:a + n`` when one piece holds them all, contiguous, in the array's dtype and step shape."""
+    for off, values in pieces:
+        if off <= a and a + n <= off + len(values):
+            rows = values[a - off:a - off + n]
+            plain = rows.dtype == arr.dtype and rows.shape[1:] == arr.shape[1:] and rows.flags.c_contiguous
+            return rows if plain else None
+    return None
+
+
+def _assemble(arr: zarr.Array, a: int, n: int, pieces: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """Rows ``a:a + n`` of the zero-filled range with the pieces in place (cast as numpy assignment casts)."""
+    out = np.zeros((n, *arr.shape[1:]), arr.dtype)
+    for off, values in pieces:
+        lo, hi = max(a, off), min(a + n, off + len(values))
+        if lo < hi:
+            out[lo - a:hi - a] = values[lo - off:hi - off]
+    return out

@@ -8,7 +8,7 @@ import zarr
 from zarr.storage import MemoryStore
 
 from maestro_data import integrity
-from maestro_data.shard_write import write_chunks
+from maestro_data.shard_write import write_chunks, write_pieces
 from maestro_data.store import _create
 
 
@@ -45,3 +45,19 @@ def test_other_writes_fall_back_to_zarr():
     values = np.arange(3 * 32, dtype=np.uint16).reshape(3, 2, 4, 4)
     write_chunks(arr, 2, values)  # neither shard-aligned nor whole chunks
     np.testing.assert_array_equal(arr[2:5], values)
+
+
+def test_pieces_with_gaps_and_casts_match_an_assembled_write():
+    """Pieces the size of whole chunks are compressed as they are; gaps stay zeros; other dtypes are cast."""
+    (zs, ms), (za, ma) = _pair((24, 2, 3, 3), "uint16", (4, 2, 3, 3), (12, 2, 3, 3))
+    rng = np.random.default_rng(1)
+    pieces = [(0, rng.integers(0, 900, (4, 2, 3, 3)).astype(np.uint16)),   # one whole chunk, as is
+              (4, rng.integers(0, 200, (3, 2, 3, 3)).astype(np.uint8)),    # part of a chunk, cast
+              (8, rng.integers(0, 900, (4, 2, 3, 3)).astype(np.uint16))]
+    values = np.zeros((12, 2, 3, 3), np.uint16)
+    for off, p in pieces:
+        values[off:off + len(p)] = p
+    za.with_config({"write_empty_chunks": True})[12:24] = values
+    write_pieces(ma, 12, 12, pieces)
+    assert zs.written == ms.written
+    np.testing.assert_array_equal(ma[12:24], values)
