@@ -49,6 +49,7 @@ from maestro_data import split_origin as origins
 from maestro_data.errors import StoreError
 from maestro_data.location import Location, resolve_store
 from maestro_data.manifest import Manifest, ModalitySpec, parse_manifest
+from maestro_data.shard_write import write_pieces
 from maestro_data.tile import Series, Tile
 from maestro_data.unlabelled import without_targets
 
@@ -250,12 +251,10 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
         # tile's zeros): zarr's scan of each chunk for "all fill value" (a full compare per chunk and per shard)
         # would find nothing to drop, and the shard's tail past the last tile is simply never written.
         used = _block_extent(mp, rng, s0)
-        px = (spec.tile_size, spec.tile_size)
-        data = np.zeros((used, spec.stored_channels, *px), spec.dtype)
+        floats = np.dtype(spec.dtype).kind == "f"
+        data: list[tuple[int, np.ndarray]] = []  # (offset, series): placed in the shard by write_pieces
         dates = np.zeros((used, 3), np.int16)
-        mask = None
-        if spec.cloud_mask is not None:
-            mask = np.zeros((used, len(spec.cloud_mask.bands), *px), spec.cloud_mask.dtype)
+        mask: list[tuple[int, np.ndarray]] | None = None if spec.cloud_mask is None else []
         nan_count = np.zeros(bt, np.int64)
         for i in rng:
             if i not in tiles:
@@ -265,33 +264,26 @@ def write_block(root: zarr.Group, manifest: Manifest, plan: StorePlan, block: in
             if series.data.shape[0] != c:
                 raise StoreError(f"tile {plan.tile_ids[i]!r}: {name} has {series.data.shape[0]} time steps but the "
                                  f"plan expected {c} (source changed between probe and read?)")
-            data[a:a + c] = series.data
+            data.append((a, series.data))
             dates[a:a + c] = series.dates
             if mask is not None:
-                mask[a:a + c] = series.mask
-            if data.dtype.kind == "f":
+                mask.append((a, series.mask))
+            if floats:
                 nan_count[i - lo] = np.count_nonzero(np.isnan(series.data))
         if used:
-            _dense(root[f"{name}/data"])[s0:s0 + used] = data
+            write_pieces(root[f"{name}/data"], s0, used, data)
             root[f"{name}/dates"][s0:s0 + used] = dates
             if mask is not None:
-                _dense(root[f"{name}/mask"])[s0:s0 + used] = mask
-        if data.dtype.kind == "f":  # integer rasters hold no NaN: their counts stay the fill value 0
+                write_pieces(root[f"{name}/mask"], s0, used, mask)
+        if floats:  # integer rasters hold no NaN: their counts stay the fill value 0
             root[f"{name}/nan_count"][sl] = nan_count
         nans[name] = int(nan_count.sum())
     for name in manifest.targets:
         arr = root[f"targets/{name}"]
-        buf = np.zeros((len(rng), *arr.shape[1:]), arr.dtype)
-        for i, tile in tiles.items():
-            buf[i - lo] = tile.targets[name]
+        pieces = [(i - lo, tiles[i].targets[name][None]) for i in sorted(tiles)]
         if len(rng):
-            _dense(arr)[lo:lo + len(rng)] = buf
+            write_pieces(arr, lo, len(rng), pieces)
     return nans
-
-
-def _dense(arr: zarr.Array) -> zarr.Array:
-    """The array with zarr's empty-chunk scan off, for writes whose every chunk holds data."""
-    return arr.with_config({"write_empty_chunks": True})
 
 
 def write_subsets(path: str | Path | Location, orders: dict[str, np.ndarray], counts: dict[str, dict[int, int]],

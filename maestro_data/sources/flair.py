@@ -50,7 +50,8 @@ from maestro_data.sources.base import (
     to_stored_dtype,
 )
 from maestro_data.sources.gpkg import DateTable
-from maestro_data.sources.grids import check_coregistered, grid_bounds, grid_of, is_georeferenced
+from maestro_data.sources.grids import check_coregistered, grid_bounds, is_georeferenced
+from maestro_data.sources.tiff_open import open_with_grid
 from maestro_data.tile import Grid, Series, Tile, TileRef
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ class FlairHubSource(Source):
         """All bands (or one) of a GeoTIFF after checking band count and pixel size; returns (array, grid)."""
         check_file(path, what, tile_id=ref.tile_id, missing="file not found")
         try:
-            with rasterio.open(path) as src:
+            src, grid = open_with_grid(path)
+            with src:
                 got = src.count
                 if (band is None and got != count) or (band is not None and got < band):
                     exp = f"{count} bands" if band is None else f"at least {band} band(s)"
@@ -264,7 +266,7 @@ class FlairHubSource(Source):
                     raise SourceError(f"{what}: {src.height}x{src.width} px, expected {size}x{size}",
                                       tile_id=ref.tile_id, path=str(path))
                 data = src.read(band) if band is not None else read_all_bands(src, what, ref.tile_id, path)
-                return data, grid_of(src)
+                return data, grid
         except (RasterioError, OSError, CRSError) as exc:
             detail = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)  # rasterio puts GDAL's reason there
             raise SourceError(f"{what}: unreadable GeoTIFF ({detail})", tile_id=ref.tile_id, path=str(path)) from None

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from maestro_data.dates import dates_array
@@ -86,10 +87,26 @@ def column_names(path: Path, required: Sequence[str]) -> list[str]:
 # -- FLAIR-HUB GLOBAL_*_MTD_DATES tables ----------------------------------------------------------------------
 
 
+class _Invalid(Exception):
+    """What is wrong with a date-table cell (the caller names the tile, the file and the modality)."""
+
+
 def parse_acquisitions(raw: object, *, series: bool, tile_id: str, path: Path, what: str) -> list[str]:
     """A date-table cell -> YYYYMMDD strings in band order (JSON keys "1", "2", ... sorted as integers)."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
+    try:
+        return list(_parse_cell(raw, series) if isinstance(raw, str | None) else _parse(raw, series))
+    except _Invalid as exc:
+        raise SourceError(f"{what}: {exc}", tile_id=tile_id, path=str(path)) from None
+
+
+@lru_cache(maxsize=1 << 12)  # probe and read parse the same cell, and the patches of a ROI share their dates
+def _parse_cell(raw: str | None, series: bool) -> tuple[str, ...]:
+    return _parse(raw, series)
+
+
+def _parse(raw: object, series: bool) -> tuple[str, ...]:
     if raw is None:
         values = []
     elif not series:
@@ -98,29 +115,27 @@ def parse_acquisitions(raw: object, *, series: bool, tile_id: str, path: Path, w
         try:
             table = json.loads(raw) if isinstance(raw, str) else raw
         except json.JSONDecodeError as exc:
-            raise SourceError(f"{what}: acquisition_dates is not valid JSON ({exc})", tile_id=tile_id,
-                              path=str(path)) from None
+            raise _Invalid(f"acquisition_dates is not valid JSON ({exc})") from None
         if not isinstance(table, dict):
-            raise SourceError(f"{what}: acquisition_dates must be a JSON object {{\"1\": \"YYYYMMDD\", ...}}, "
-                              f"got {str(raw)[:60]!r}", tile_id=tile_id, path=str(path))
+            raise _Invalid(f"acquisition_dates must be a JSON object {{\"1\": \"YYYYMMDD\", ...}}, "
+                           f"got {str(raw)[:60]!r}")
         try:
             keyed = sorted(((int(k), v) for k, v in table.items()), key=lambda kv: kv[0])
         except (TypeError, ValueError):
-            raise SourceError(f"{what}: acquisition_dates keys must be integers, got {list(table)[:5]}",
-                              tile_id=tile_id, path=str(path)) from None
+            raise _Invalid(f"acquisition_dates keys must be integers, got {list(table)[:5]}") from None
         if len({k for k, _ in keyed}) != len(keyed):
-            raise SourceError(f"{what}: acquisition_dates has repeated keys", tile_id=tile_id, path=str(path))
+            raise _Invalid("acquisition_dates has repeated keys")
         values = [str(v).strip() for _, v in keyed]
     if not values:
-        raise SourceError(f"{what}: empty time series (zero acquisition dates)", tile_id=tile_id, path=str(path))
+        raise _Invalid("empty time series (zero acquisition dates)")
     bad = [v for v in values if len(v) != 8 or not v.isdigit()]
     if bad:
-        raise SourceError(f"{what}: dates {bad[:3]} are not YYYYMMDD", tile_id=tile_id, path=str(path))
+        raise _Invalid(f"dates {bad[:3]} are not YYYYMMDD")
     try:
         dates_array(values)
     except ValueError as exc:
-        raise SourceError(f"{what}: {exc}", tile_id=tile_id, path=str(path)) from None
-    return values
+        raise _Invalid(str(exc)) from None
+    return tuple(values)
 
 
 @dataclasses.dataclass
