@@ -23,7 +23,7 @@ opening + reading every band, and the FLAIR reader alone.
 
 Floor on a shared 2-core VM (Nov 2026; other jobs kept the load average at 3-5, which inflates process time ~1.5-2x
 over a quiet machine). rasterio.open spent ~2/3 of its time having GDAL rebuild the CRS from the PROJ database and
-export it as WKT for every file: the reader now resolves each GeoKey set once per process (``sources/tiff_open.py``)
+export it as WKT for every file: the reader now resolves each GeoKey set once per process (``sources/geotiff.py``)
 and opens later files with GDAL's georeferencing off (7 files: ~9 -> ~2.5 ms/tile under that load), and parses each
 date cell once. zarr-python's per-chunk machinery cost more than blosc itself: ``shard_write.py`` encodes a block's
 shard in one pass from the tiles' own arrays, byte for byte what zarr wrote (write_block ~16 -> ~12 ms/tile under
@@ -94,11 +94,11 @@ def compare_codecs(store: TileStore, tiles: int) -> dict:
 def geotiff_floors(src: Path, tiles: int) -> dict[str, float]:
     """Tiles/s of CPU for (a) opening every GeoTIFF with rasterio and (b) opening and reading all its bands with
     the FLAIR reader's GDAL options and read call, through rasterio's plain open (the reader skips GDAL's CRS
-    parsing of files whose GeoKeys it has seen: ``sources/tiff_open.py``)."""
+    parsing of files whose GeoKeys it has seen: ``sources/geotiff.py``)."""
     import rasterio
 
     from maestro_data.sources.base import GDAL_READ_OPTIONS
-    from maestro_data.sources.flair import read_all_bands
+    from maestro_data.sources.geotiff import read_all_bands
 
     files = sorted(src.rglob("*.tif"))
     out = {}

@@ -470,7 +470,7 @@ def test_manifest_patterns_match_the_official_toy_csv_paths():
 def test_fast_band_read_equals_the_public_read_and_falls_back(dataset, monkeypatch):
     """read_all_bands goes through rasterio's private reader for speed; it must equal src.read(), and a rasterio
     whose private reader changed must still be read through the public path."""
-    from maestro_data.sources.flair import read_all_bands
+    from maestro_data.sources.geotiff import read_all_bands
 
     path = next(dataset.glob("*_SENTINEL2_TS/*/*.tif"))
     with rasterio.open(path) as src:

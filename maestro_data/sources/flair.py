@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from pyproj.exceptions import CRSError, ProjError
-from rasterio.errors import RasterioError
+from pyproj.exceptions import ProjError
 
 from maestro_data.dates import dates_array
 from maestro_data.errors import ManifestError, SourceError
@@ -38,7 +37,6 @@ from maestro_data.sources.base import (
     GDAL_READ_OPTIONS,
     Source,
     SourceOptions,
-    check_file,
     check_series,
     check_target_classes,
     check_unique,
@@ -49,9 +47,9 @@ from maestro_data.sources.base import (
     split_table_problems,
     to_stored_dtype,
 )
+from maestro_data.sources.geotiff import Header, read_geotiff
 from maestro_data.sources.gpkg import DateTable
 from maestro_data.sources.grids import check_coregistered, grid_bounds, is_georeferenced
-from maestro_data.sources.tiff_open import open_with_grid
 from maestro_data.tile import Grid, Series, Tile, TileRef
 
 log = logging.getLogger(__name__)
@@ -64,26 +62,6 @@ DATE_TABLE_OF = {
     "SENTINEL2": "SENTINEL2", "SENTINEL1-ASC": "SENTINEL1-ASC", "SENTINEL1-DESC": "SENTINEL1-DESC",
 }
 SPLIT_VALUES = {"train": "train", "valid": "val", "val": "val", "test": "test"}
-
-
-def read_all_bands(src: rasterio.io.DatasetReader, what: str, tile_id: str, path: Path) -> np.ndarray:
-    """Every band of an open dataset as one (bands, H, W) array in the file dtype.
-
-    rasterio's public ``read()`` first checks each band index against a tuple of all indexes rebuilt per band
-    (quadratic: ~10 ms of a 520-band S2 series for 0.1 MB of pixels) and evaluates every band's mask flags. The
-    band count is already checked and there is no window or masking here, so this goes straight to ``_read``,
-    the reader ``read()`` itself ends in; the public call remains the fallback should rasterio drop it."""
-    dtypes = set(src.dtypes)
-    if len(dtypes) != 1:  # GDAL would convert every band to the first one's type: refuse instead of losing data
-        raise SourceError(f"{what}: bands of mixed data types {sorted(dtypes)}", tile_id=tile_id, path=str(path))
-    direct = getattr(src, "_read", None)
-    if direct is not None:
-        out = np.empty((src.count, src.height, src.width), dtype=src.dtypes[0])
-        try:
-            return direct(range(1, src.count + 1), out, None, out.dtype)
-        except TypeError:  # a rasterio whose private reader changed signature: take the public path
-            pass
-    return src.read()
 
 
 def date_gpkg_name(key: str) -> str:
@@ -253,23 +231,17 @@ class FlairHubSource(Source):
     def _read_tif(self, path: Path, ref: TileRef, what: str, count: int, size: int, band: int | None = None,
                   count_note: str = "") -> tuple[np.ndarray, Grid]:
         """All bands (or one) of a GeoTIFF after checking band count and pixel size; returns (array, grid)."""
-        check_file(path, what, tile_id=ref.tile_id, missing="file not found")
-        try:
-            src, grid = open_with_grid(path)
-            with src:
-                got = src.count
-                if (band is None and got != count) or (band is not None and got < band):
-                    exp = f"{count} bands" if band is None else f"at least {band} band(s)"
-                    raise SourceError(f"{what}: {got} bands, expected {exp}{count_note}", tile_id=ref.tile_id,
-                                      path=str(path))
-                if (src.height, src.width) != (size, size):
-                    raise SourceError(f"{what}: {src.height}x{src.width} px, expected {size}x{size}",
-                                      tile_id=ref.tile_id, path=str(path))
-                data = src.read(band) if band is not None else read_all_bands(src, what, ref.tile_id, path)
-                return data, grid
-        except (RasterioError, OSError, CRSError) as exc:
-            detail = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)  # rasterio puts GDAL's reason there
-            raise SourceError(f"{what}: unreadable GeoTIFF ({detail})", tile_id=ref.tile_id, path=str(path)) from None
+
+        def check(h: Header) -> str | None:
+            if (band is None and h.count != count) or (band is not None and h.count < band):
+                exp = f"{count} bands" if band is None else f"at least {band} band(s)"
+                return f"{h.count} bands, expected {exp}{count_note}"
+            if (h.height, h.width) != (size, size):
+                return f"{h.height}x{h.width} px, expected {size}x{size}"
+            return None
+
+        data, header = read_geotiff(path, what, ref.tile_id, check=check, band=band)
+        return data, header.grid
 
     def _series(self, ref: TileRef, pattern: str, dates: list[str], channels: int, dtype: str, size: int,
                 what: str) -> tuple[np.ndarray, Grid, Path]:

@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from pyproj.exceptions import CRSError
 
 from maestro_data.errors import SourceError
 from maestro_data.manifest import ModalitySpec, TargetSpec
 from maestro_data.sources.base import check_file
-from maestro_data.sources.grids import grid_of
+from maestro_data.sources.geotiff import Header, read_geotiff
 from maestro_data.tile import Grid
 
 
@@ -59,16 +57,13 @@ def load_npy(path: Path, tile_id: str) -> np.ndarray:
 
 def read_tif(path: Path, tile_id: str, spec: ModalitySpec, header_only: bool = False) -> tuple[Any, Grid]:
     """((T, C, H, W) array, band index = t*C + c as the official reader, or T alone with ``header_only``; grid)."""
-    check_file(path, spec.name, tile_id=tile_id, missing="missing file")
-    try:
-        with rasterio.open(path) as src:
-            count, shape, grid = src.count, (src.height, src.width), grid_of(src)
-            data = None if header_only else src.read()
-    except (rasterio.errors.RasterioError, OSError, CRSError) as exc:
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise SourceError(f"corrupt or truncated GeoTIFF: {exc}{cause}", tile_id=tile_id, path=str(path)) from None
     c, s = spec.stored_channels, spec.tile_size
-    if count % c or shape != (s, s):
-        raise SourceError(f"{spec.name}: {count} bands of {shape[0]}x{shape[1]} px, expected a multiple of {c} "
-                          f"bands of {s}x{s} px", tile_id=tile_id, path=str(path))
-    return (count // c if data is None else data.reshape(count // c, c, s, s)), grid
+
+    def check(h: Header) -> str | None:
+        if h.count % c or (h.height, h.width) != (s, s):
+            return f"{h.count} bands of {h.height}x{h.width} px, expected a multiple of {c} bands of {s}x{s} px"
+        return None
+
+    data, header = read_geotiff(path, spec.name, tile_id, missing="missing file", check=check,
+                                pixels=not header_only)
+    return (header.count // c if data is None else data.reshape(header.count // c, c, s, s)), header.grid

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import rasterio
 from pyproj.exceptions import ProjError
 from rasterio.windows import Window
 
@@ -37,12 +36,12 @@ from maestro_data.sources.base import (
     split_table_problems,
     to_stored_dtype,
 )
+from maestro_data.sources.geotiff import Header, read_geotiff
 from maestro_data.sources.grids import (
     bounds_grid,
     footprint_bounds,
     footprint_misregistration,
     grid_bounds,
-    grid_of,
     pixel_size,
     window_grid,
 )
@@ -257,23 +256,23 @@ class TreeSatAITSSource(Source):
 
     def _open_tif(self, path: Path, ref: TileRef, what: str, window: Window | None = None) -> tuple:
         """(pixels of ``window`` or None, file grid, centre lon/lat) of a georeferenced GeoTIFF."""
-        check_file(path, what, tile_id=ref.tile_id, missing=_missing_tif(path))
+
+        def check(h: Header) -> str | None:
+            if window is not None and (h.height, h.width) != (AERIAL_FILE_PX, AERIAL_FILE_PX):
+                return f"{h.count} bands of {h.height}x{h.width} px, expected {AERIAL_FILE_PX}x{AERIAL_FILE_PX} px"
+            return "GeoTIFF has no CRS" if h.crs_wkt is None else None
+
+        # raw read of every band: GDAL flags band 4 as alpha, so no mask may ever be applied
+        data, header = read_geotiff(path, what, ref.tile_id, missing=_missing_tif(path), check=check, window=window,
+                                    pixels=window is not None)
         try:
-            with rasterio.open(path) as src:
-                if window is not None and (src.height, src.width) != (AERIAL_FILE_PX, AERIAL_FILE_PX):
-                    raise SourceError(f"{what}: {src.count} bands of {src.height}x{src.width} px, expected "
-                                      f"{AERIAL_FILE_PX}x{AERIAL_FILE_PX} px", tile_id=ref.tile_id, path=str(path))
-                if src.crs is None:
-                    raise SourceError(f"{what}: GeoTIFF has no CRS", tile_id=ref.tile_id, path=str(path))
-                # raw read of every band: GDAL flags band 4 as alpha, so no mask may ever be applied
-                data = None if window is None else src.read(window=window)
-                grid, lonlat = grid_of(src), bounds_centre_lonlat(src.bounds, src.crs.to_wkt())
+            lonlat = bounds_centre_lonlat(grid_bounds(header.grid), header.crs_wkt)
         except READ_ERRORS as exc:
-            raise SourceError(f"{what}: cannot read GeoTIFF (truncated or corrupt?): {exc}", tile_id=ref.tile_id,
+            raise SourceError(f"{what}: its CRS cannot be mapped to lon/lat: {exc}", tile_id=ref.tile_id,
                               path=str(path)) from None
         if not all(math.isfinite(v) for v in lonlat):
             raise SourceError(f"{what}: bounds do not map to lon/lat", tile_id=ref.tile_id, path=str(path))
-        return data, grid, lonlat
+        return data, header.grid, lonlat
 
     def _read_tif(self, plan: Plan, ref: TileRef, path: Path) -> tuple[Series, Grid, tuple[float, float]]:
         spec, tid = plan.spec, ref.tile_id
