@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from maestro_data.subsets import fps_subsets, furthest_point_order, geocentric, subset_count
+from maestro_data.build.subsets import fps_subsets, furthest_point_order, geocentric, subset_count
 
 METRES_PER_DEGREE = 111_320.0
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import open_index
-from maestro_data.stream import StreamConfig, StreamLoader, load_table, to_model_batch
+from maestro_data.stream.loader import StreamConfig, StreamLoader, load_table, to_model_batch
+from maestro_data.stream.shard_read import open_index
 from maestro_model.flops import example_batch, implementation_counts
 from maestro_model.hardware import peak_bf16_flops
 from maestro_model.model import build_model

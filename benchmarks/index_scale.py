@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maestro_data.index_format import INDEX_FORMAT, encode_sidecar, index_bytes, sidecar_url
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import sample_key
+from maestro_data.stream.index_format import INDEX_FORMAT, encode_sidecar, index_bytes, sample_key, sidecar_url
 
 MANIFEST = load_manifest("flair-hub")
 NPY_HEADER = 128
@@ -130,8 +129,8 @@ def measure_plan(index: str, world: int) -> dict:
     """In a fresh process: plan rank 0's epoch; seconds, RSS kept, and one sidecar's fetch-and-check time."""
     import gc
 
-    from maestro_data.stream import StreamConfig, make_loader
-    from maestro_data.stream_read import shard_spans
+    from maestro_data.stream.loader import StreamConfig, make_loader
+    from maestro_data.stream.shard_table import shard_spans
 
     gc.collect()
     before = _rss_mb()

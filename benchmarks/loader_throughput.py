@@ -58,16 +58,16 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from maestro_data.augment import d4_apply, random_d4
-from maestro_data.build import BuildOptions, build_store
-from maestro_data.index_format import all_entries
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.shards import ShardOptions, write_shards
+from maestro_data.build.tile_store import TileStore
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.sources.flair import split_patch_id
-from maestro_data.store import TileStore
-from maestro_data.stream import StreamConfig, make_loader, to_model_batch
+from maestro_data.stream.augment import d4_apply, random_d4
+from maestro_data.stream.index_format import all_entries
+from maestro_data.stream.loader import StreamConfig, make_loader, to_model_batch
+from maestro_data.stream.temporal import apply_selection, normalise, select_steps
 from maestro_data.synthetic.flair import generate
-from maestro_data.temporal import apply_selection, normalise, select_steps
 
 MANIFEST = load_manifest("flair-hub")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.synthetic import generate
 from maestro_model.checkpoints import save_model
 from maestro_model.model import build_model

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the se
 
 from faultserver import Faults, FaultServer, moto_s3  # noqa: E402
 
-from maestro_data.build import BuildOptions, build_store  # noqa: E402
+from maestro_data.build.pipeline import BuildOptions, build_store  # noqa: E402
+from maestro_data.build.shards import ShardOptions, write_shards  # noqa: E402
 from maestro_data.manifest import load_manifest  # noqa: E402
-from maestro_data.shards import ShardOptions, write_shards  # noqa: E402
-from maestro_data.stream import StreamConfig, make_loader  # noqa: E402
+from maestro_data.stream.loader import StreamConfig, make_loader  # noqa: E402
 from maestro_data.synthetic.flair import generate  # noqa: E402
 
 MANIFEST = load_manifest("flair-hub")

@@ -71,9 +71,9 @@ def build(dataset: str, src: Path, out: str, manifest_path: Path | None, workers
           percents: tuple[int, ...], shard_size: int, seed: int, no_shards: bool, no_targets: bool,
           quiet: bool) -> None:
     """Convert the raw DATASET at SRC into OUT: zarr tile store -> nested subsets -> WebDataset shards."""
-    from maestro_data.build import BuildOptions, build_store, compute_subsets
+    from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+    from maestro_data.build.shards import ShardOptions, write_shards
     from maestro_data.location import Location
-    from maestro_data.shards import ShardOptions, write_shards
     from maestro_data.sources import SourceOptions
 
     _setup_logging(quiet)
@@ -101,7 +101,7 @@ def build(dataset: str, src: Path, out: str, manifest_path: Path | None, workers
 def _executor(kind: str, workers: int, scheduler: str | None):
     import contextlib
 
-    from maestro_data.executors import make_executor
+    from maestro_data.build.executors import make_executor
 
     if scheduler is not None and kind != "dask":
         raise click.BadParameter("--scheduler needs --executor dask", param_hint="--scheduler")
@@ -173,7 +173,7 @@ def _echo_index(index: dict, where: Path | str) -> None:
               help="Import MAESTRO's published subset CSVs instead of running FPS.")
 def subsets(store: str, percents: tuple[int, ...], splits_from: Path | None) -> None:
     """(Re)compute the nested subsets of a tile STORE."""
-    from maestro_data.build import compute_subsets
+    from maestro_data.build.pipeline import compute_subsets
 
     for split, counts in compute_subsets(store, percents, splits_from).items():
         click.echo(f"{split}: " + ", ".join(f"{p}% = {n} tiles" for p, n in counts.items()))
@@ -195,7 +195,7 @@ def subsets(store: str, percents: tuple[int, ...], splits_from: Path | None) -> 
 def shard(store: str, out: str, shard_size: int, seed: int, workers: int, executor: str, scheduler: str | None,
           resume: bool, quiet: bool) -> None:
     """Write WebDataset shards (and index.json, last) from a tile STORE (folder or url)."""
-    from maestro_data.shards import ShardOptions, write_shards
+    from maestro_data.build.shards import ShardOptions, write_shards
 
     options = ShardOptions(shard_bytes=shard_size, seed=seed, quiet=quiet, resume=resume)
     with _executor(executor, workers, scheduler) as engine:
@@ -209,8 +209,8 @@ def shard(store: str, out: str, shard_size: int, seed: int, workers: int, execut
 def verify(location: str, full: bool, dataset: str | None) -> None:
     """Check every shard of an index (folder, index.json path or URL): presence, size, sha256; or every chunk
     of a tile store (presence and size; --full: sha256); a build's output (folder or URL): both."""
+    from maestro_data.build.tile_store import is_store
     from maestro_data.location import Location
-    from maestro_data.store import is_store
 
     if is_store(location):
         _verify_store(location, full)
@@ -222,7 +222,7 @@ def verify(location: str, full: bool, dataset: str | None) -> None:
 
 
 def _verify_shards(location: str, full: bool, dataset: str | None) -> None:
-    from maestro_data.verify import verify as verify_shards
+    from maestro_data.stream.verify import verify as verify_shards
 
     problems = verify_shards(location, full=full, manifest=load_manifest(dataset) if dataset else None)
     for line in problems:
@@ -233,7 +233,7 @@ def _verify_shards(location: str, full: bool, dataset: str | None) -> None:
 
 
 def _verify_store(location: str, full: bool) -> None:
-    from maestro_data.store import TileStore
+    from maestro_data.build.tile_store import TileStore
 
     problems = TileStore(location).verify(full=full)
     for line in problems:
@@ -250,7 +250,7 @@ def _verify_store(location: str, full: bool) -> None:
 def reindex(location: str, quiet: bool) -> None:
     """Rewrite the index of the shard set at LOCATION (folder, index.json path or URL) as schema 2, with one
     sidecar per shard built from the shard's tar headers: no rebuild, the shards are not changed."""
-    from maestro_data.reindex import reindex as reindex_shards
+    from maestro_data.stream.reindex import reindex as reindex_shards
 
     _echo_index(reindex_shards(location, quiet=quiet), location)
 
@@ -260,7 +260,7 @@ def reindex(location: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: str, as_json: bool) -> None:
     """Summarise a tile store (tiles per split, modalities, dtypes, date counts, bytes) or a shard index."""
-    from maestro_data.store import TileStore, is_store
+    from maestro_data.build.tile_store import TileStore, is_store
 
     if path.endswith(".json") or ("://" in path and not is_store(path)) or (Path(path) / "index.json").is_file():
         _index_info(path, as_json)
@@ -293,7 +293,7 @@ def _echo_split_origin(text: str | None, old_default: bool) -> None:
 
 def _index_info(location: str, as_json: bool) -> None:
     from maestro_data import split_origin
-    from maestro_data.shard_read import open_index, stored_manifest
+    from maestro_data.stream.shard_read import open_index, stored_manifest
 
     index, loc = open_index(location)
     manifest = stored_manifest(index, loc)

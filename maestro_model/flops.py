@@ -266,7 +266,7 @@ def example_batch(manifest: Manifest, batch_size: int = 1, device: str | torch.d
     """A batch with the loader's keys, shapes and dtypes: random images in [0, 1) from `generator`, dates
     spread over a year, zero targets. On the meta device the tensors carry shapes only (all a flop count needs).
     """
-    from maestro_data.batch import expected_shapes  # the batch contract shared with the loader
+    from maestro_data.stream.batch import expected_shapes  # the batch contract shared with the loader
 
     device = torch.device(device)
     if device.type == "meta":

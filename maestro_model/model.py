@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maestro_data.batch import BatchError, check_batch
-from maestro_data.device import normalise_tensor
 from maestro_data.errors import MaestroError
 from maestro_data.manifest import Manifest, load_manifest
+from maestro_data.stream.batch import BatchError, check_batch
+from maestro_data.stream.device import normalise_tensor
 from maestro_model import encodings as enc
 from maestro_model.heads import MultilabelHead, SegmentationHead
 from maestro_model.losses import ReconSpec, parse_loss, reconstruction_loss

@@ -20,15 +20,15 @@ import torch
 from tqdm import tqdm
 
 from maestro_data import georef, maps
-from maestro_data.augment import crop_window, d4_inverse
-from maestro_data.cache import Access
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions, label_table
-from maestro_data.device import d4_apply_torch, to_model_batch
 from maestro_data.errors import MaestroError
 from maestro_data.manifest import Manifest, TargetSpec
-from maestro_data.shard_read import open_index, stored_manifest
-from maestro_data.shards import tile_id_of
-from maestro_data.stream_read import ShardReader, ShardTable, load_table, shard_spans
+from maestro_data.stream.augment import crop_window, d4_inverse
+from maestro_data.stream.cache import Access
+from maestro_data.stream.collate import BatchBuffer, SampleTransform, TransformOptions, label_table
+from maestro_data.stream.device import d4_apply_torch, to_model_batch
+from maestro_data.stream.index_format import tile_id_of
+from maestro_data.stream.shard_read import open_index, stored_manifest
+from maestro_data.stream.shard_table import ShardReader, ShardTable, load_table, shard_spans
 from maestro_data.unlabelled import is_labelled, without_targets
 from maestro_model.metrics import THRESHOLD, MultilabelCounts, SegmentationCounts
 from maestro_model.predict_model import load_predictor

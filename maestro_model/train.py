@@ -29,8 +29,8 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import check_manifest, open_index
-from maestro_data.stream import StreamConfig, StreamLoader, load_table
+from maestro_data.stream.loader import StreamConfig, StreamLoader, load_table
+from maestro_data.stream.shard_read import check_manifest, open_index
 from maestro_data.unlabelled import is_labelled
 from maestro_model import run_folder, runtime, schedule
 from maestro_model.checkpoints import load_weights, read_checkpoint, read_state_dict, save_model

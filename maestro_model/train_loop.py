@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from maestro_data.stream import StreamLoader, to_model_batch
+from maestro_data.stream.loader import StreamLoader, to_model_batch
 from maestro_model import schedule
 from maestro_model.config import PhaseConfig
 from maestro_model.loss_meter import LossMeter, TrainError, Where

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-import maestro_data.build as build_mod
+import maestro_data.build.pipeline as build_mod
 from maestro_data.dates import dates_array
 from maestro_data.errors import SourceError
 from maestro_data.sources.base import Source

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maestro_data.build import BuildOptions, build_store
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import SourceError
 from maestro_data.manifest import Manifest
 from maestro_data.sources import SourceOptions, open_source
-from maestro_data.store import TileStore
 
 
 def damaged_copy(clean: Path, dst: Path) -> Path:

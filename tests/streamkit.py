@@ -14,12 +14,12 @@ import pytest
 import torch
 from fakes import MemorySource
 
-import maestro_data.build as build_mod
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+import maestro_data.build.pipeline as build_mod
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.manifest import load_manifest
-from maestro_data.reindex import reindex
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.stream import StreamConfig, make_loader
+from maestro_data.stream.loader import StreamConfig, make_loader
+from maestro_data.stream.reindex import reindex
 from maestro_data.synthetic import generate
 
 TREESAT = load_manifest("treesatai-ts")

@@ -9,7 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maestro_data.augment import (
+from maestro_data.errors import StreamError
+from maestro_data.manifest import load_manifest
+from maestro_data.randomness import permutation, sample_rng
+from maestro_data.stream.augment import (
     crop_grid,
     crop_window,
     d4_apply,
@@ -19,9 +22,6 @@ from maestro_data.augment import (
     random_crop_origin,
     random_d4,
 )
-from maestro_data.errors import StreamError
-from maestro_data.manifest import load_manifest
-from maestro_data.randomness import permutation, sample_rng
 
 ELEMENTS = range(8)
 

@@ -17,15 +17,15 @@ from click.testing import CliRunner
 from conftest import real_split_counts
 
 from maestro_cli.data import main
-from maestro_data.build import BuildOptions, build_store, compute_subsets
-from maestro_data.index_format import shard_entries
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
+from maestro_data.build.tile_store import TileStore
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import open_index, read_shard, shard_url
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.sources import SourceOptions, open_source
-from maestro_data.store import TileStore
+from maestro_data.stream.index_format import shard_entries
+from maestro_data.stream.shard_read import open_index, read_shard, shard_url
+from maestro_data.stream.verify import verify
 from maestro_data.synthetic import generate
-from maestro_data.verify import verify
 
 
 def _store_arrays(path):

@@ -12,13 +12,13 @@ import zarr
 from click.testing import CliRunner
 from fakes import DyingSource, MemorySource
 
-import maestro_data.build as build_mod
+import maestro_data.build.pipeline as build_mod
 from maestro_cli.data import main
-from maestro_data.build import BuildOptions, build_store, compute_subsets
-from maestro_data.executors import DaskExecutor
+from maestro_data.build.executors import DaskExecutor
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.location import Location, resolve_store
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 
 MANIFEST = load_manifest("treesatai-ts")
 TILES = 9

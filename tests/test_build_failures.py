@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from maestro_cli.data import main
-from maestro_data.store import TileStore
+from maestro_data.build.tile_store import TileStore
 from maestro_data.synthetic import generate
 
 

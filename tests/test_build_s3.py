@@ -19,10 +19,10 @@ from faultserver import moto_s3
 from streamkit import TREESAT, run, same_batches
 from test_build_cluster import files, same_arrays, store_arrays
 
-import maestro_data.shards as shards_mod
+import maestro_data.build.shards as shards_mod
 from maestro_cli.data import main
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.location import Location
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.synthetic import generate
 
 SECRET = "never-written-s3cr3t"  # must appear in no object the build writes

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from maestro_data.augment import d4_apply
-from maestro_data.collate import label_table
-from maestro_data.device import _device_raster, _HostBuffers, _label_table, to_model_batch
 from maestro_data.manifest import load_manifest
-from maestro_data.temporal import normalise
+from maestro_data.stream.augment import d4_apply
+from maestro_data.stream.collate import label_table
+from maestro_data.stream.device import _device_raster, _HostBuffers, _label_table, to_model_batch
+from maestro_data.stream.temporal import normalise
 
 FLAIR = load_manifest("flair-hub")
 # an integer log-scale modality exists in no dataset: make one, so the in-place log path is compared too

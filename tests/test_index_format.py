@@ -12,12 +12,11 @@ from streamkit import copy_shards
 
 from maestro_cli.data import main as data_cli
 from maestro_data.errors import ShardError, StreamError
-from maestro_data.index_format import parse_sidecar
 from maestro_data.randomness import permutation
-from maestro_data.shards import tile_id_of
-from maestro_data.stream import EpochOrder, StreamConfig, epoch_order, make_loader, rank_slots, stream_order
-from maestro_data.stream_read import ShardTable
-from maestro_data.verify import verify
+from maestro_data.stream.index_format import parse_sidecar, tile_id_of
+from maestro_data.stream.loader import EpochOrder, StreamConfig, epoch_order, make_loader, rank_slots, stream_order
+from maestro_data.stream.shard_table import ShardTable
+from maestro_data.stream.verify import verify
 
 
 def _set(path: str, value):

@@ -14,14 +14,14 @@ from conftest import REAL_MINI
 from fakes import MemorySource
 from streamkit import rows
 
-import maestro_data.build as build_mod
+import maestro_data.build.pipeline as build_mod
 from maestro_cli.data import main
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
+from maestro_data.build.tile_store import TileStore
 from maestro_data.inspect.commands import SampleOptions, tile_figure
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.store import TileStore
-from maestro_data.stream import StreamConfig, make_loader, to_model_batch
+from maestro_data.stream.loader import StreamConfig, make_loader, to_model_batch
 from maestro_data.synthetic import generate
 
 DATASETS = ["treesatai-ts", "pastis-hd", "flair-hub", "flair2", "real"]

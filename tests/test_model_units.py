@@ -12,9 +12,9 @@ import torch
 from modelkit import TINY, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from maestro_data.batch import BatchError, check_batch, expected_shapes
 from maestro_data.errors import ManifestError
 from maestro_data.manifest import load_manifest, parse_manifest
+from maestro_data.stream.batch import BatchError, check_batch, expected_shapes
 from maestro_model import encodings as enc
 from maestro_model.losses import ReconSpec, multilabel_loss, reconstruction_loss, segmentation_loss
 from maestro_model.masking import (
@@ -325,7 +325,7 @@ def test_segmentation_head_shapes_and_probe_freezes_the_encoder(fusion, multispe
 
 
 def test_integer_inputs_are_normalised_in_the_model():
-    from maestro_data.device import normalise_tensor, to_model_batch
+    from maestro_data.stream.device import normalise_tensor, to_model_batch
 
     model = tiny("treesatai-ts", "group")
     batch = make_batch(model.manifest, 1)

@@ -17,13 +17,13 @@ import torch
 from accelerate import Accelerator
 from rasterio.windows import from_bounds
 
-from maestro_data.build import BuildOptions, build_store, compute_subsets
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions
-from maestro_data.device import to_model_batch
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import open_index
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.stream_read import ShardReader, load_table
+from maestro_data.stream.collate import BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.stream.device import to_model_batch
+from maestro_data.stream.shard_read import open_index
+from maestro_data.stream.shard_table import ShardReader, load_table
 from maestro_data.synthetic import generate
 from maestro_model import predict as predict_mod
 from maestro_model.checkpoints import save_model
@@ -98,7 +98,7 @@ def test_predictions_are_the_argmax_of_the_models_forward(flair):
     with torch.no_grad():
         logits = flair["model"](to_model_batch({k: v for k, v in batch.items() if k != "tile_id"}, FLAIR, "cpu"),
                                 "finetune")["cosia"]
-    from maestro_data.shards import sample_key
+    from maestro_data.stream.index_format import sample_key
 
     for row, tile_id in enumerate(batch["tile_id"]):
         with rasterio.open(flair["out"] / "cosia" / f"{sample_key(tile_id)}.tif") as got:
@@ -248,7 +248,7 @@ def test_pastis_crops_are_stitched_back_on_the_128_px_tile(tmp_path):
     out = tmp_path / "pred"
     summary = predict(PredictOptions(str(tmp_path / "p.safetensors"), str(shards), out, split="all", batch_size=32,
                                      quiet=True), Accelerator(cpu=True))
-    from maestro_data.store import TileStore
+    from maestro_data.build.tile_store import TileStore
 
     store = TileStore(tmp_path / "built")
     assert summary["tiles"] == int(store.valid.sum()) >= 1

@@ -14,11 +14,11 @@ import pytest
 from faultserver import KINDS, Faults, FaultServer, moto_s3
 from streamkit import TREESAT, run, same_batches
 
-from maestro_data.cache import Access, ShardCache
 from maestro_data.errors import ShardError, StreamError
-from maestro_data.remote import AccessOptions, ShortRead, is_transient, with_retries
-from maestro_data.stream import StreamConfig, make_loader
-from maestro_data.verify import verify
+from maestro_data.stream.cache import Access, ShardCache
+from maestro_data.stream.loader import StreamConfig, make_loader
+from maestro_data.stream.remote import AccessOptions, ShortRead, is_transient, with_retries
+from maestro_data.stream.verify import verify
 
 FAST = dict(timeout_s=0.5, backoff_s=0.01)  # slow responses outlast the timeout; retries wait little
 

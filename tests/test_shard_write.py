@@ -7,9 +7,9 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore
 
-from maestro_data import integrity
-from maestro_data.shard_write import write_chunks, write_pieces
-from maestro_data.store import _create
+from maestro_data.build import integrity
+from maestro_data.build.store import _create
+from maestro_data.build.zarr_shards import write_chunks, write_pieces
 
 
 def _pair(shape, dtype, chunks, shards):

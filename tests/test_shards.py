@@ -15,15 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from streamkit import edit_index, read_sidecar
 
-import maestro_data.shards as shards_mod
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+import maestro_data.build.shards as shards_mod
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import ShardError
-from maestro_data.index_format import shard_entries
 from maestro_data.manifest import load_manifest
-from maestro_data.shard_read import iter_samples, open_index, read_shard, shard_url
-from maestro_data.shards import ShardOptions, sample_key, tile_id_of, write_shards
-from maestro_data.store import TileStore
-from maestro_data.verify import verify
+from maestro_data.stream.index_format import sample_key, shard_entries, tile_id_of
+from maestro_data.stream.shard_read import iter_samples, open_index, read_shard, shard_url
+from maestro_data.stream.verify import verify
 
 MANIFEST = load_manifest("treesatai-ts")
 
@@ -262,8 +262,8 @@ def test_hostile_members_are_refused(members, message):
 
 @pytest.mark.parametrize(("members", "message"), MEMBER_CASES)
 def test_the_header_scan_applies_the_same_member_rule(members, message, tmp_path):
-    from maestro_data.layout import scan_shard
-    from maestro_data.remote import AccessOptions, open_source
+    from maestro_data.stream.layout import scan_shard
+    from maestro_data.stream.remote import AccessOptions, open_source
 
     shard = tmp_path / "hostile.tar"
     shard.write_bytes(_tar(members).getvalue())
@@ -287,7 +287,7 @@ def test_memory_source_ids_are_awkward():
 
 def test_planned_sample_sizes_are_the_bytes_tarfile_writes(built):
     """The shard planner's sizes (shard_plan) must be tarfile's own, or parallel writers would cut elsewhere."""
-    from maestro_data.shard_plan import SampleSizes, member_tar_bytes
+    from maestro_data.build.shard_plan import SampleSizes, member_tar_bytes
 
     def tar_bytes(members):
         with tarfile.open(fileobj=io.BytesIO(), mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -19,12 +19,12 @@ import zarr
 from click.testing import CliRunner
 
 from maestro_cli.data import main
-from maestro_data.build import compute_subsets
+from maestro_data.build.pipeline import compute_subsets
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import SourceError
 from maestro_data.manifest import load_manifest
 from maestro_data.sources import SourceOptions, open_source
-from maestro_data.store import TileStore
-from maestro_data.stream import StreamConfig, make_loader
+from maestro_data.stream.loader import StreamConfig, make_loader
 from maestro_data.synthetic import generate
 
 MANIFEST = load_manifest("pastis-hd")

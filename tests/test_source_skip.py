@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sourcekit import assert_others_unchanged, build_fails, build_skips, damaged_copy
 
-from maestro_data.build import BuildOptions, build_store
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import SourceError
 from maestro_data.manifest import load_manifest
 from maestro_data.sources import SourceOptions, open_source
 from maestro_data.sources.flair import split_patch_id
-from maestro_data.store import TileStore
 from maestro_data.synthetic import generate
 
 DIRECTORY = "is a directory, expected a file"

@@ -10,10 +10,11 @@ import pytest
 import zarr
 from fakes import MemorySource
 
-from maestro_data.build import BuildOptions, build_store
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.store import make_plan, steps_per_chunk
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import SourceError, StoreError
 from maestro_data.manifest import load_manifest
-from maestro_data.store import TileStore, make_plan, steps_per_chunk
 
 MANIFEST = load_manifest("treesatai-ts")
 

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from maestro_cli.data import main
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import StoreError
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.store import TileStore
 from maestro_data.synthetic import generate
 
 MANIFEST = load_manifest("treesatai-ts")

@@ -10,15 +10,15 @@ import pytest
 import torch
 from streamkit import TREESAT, build_shards, copy_shards, npy_bytes, rewrite_member, rows, run, same_batches
 
-from maestro_data.augment import d4_apply, d4_inverse
-from maestro_data.batch import BatchError, check_batch, check_loader_batch
-from maestro_data.build import BuildOptions, build_store
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions, label_dtype, label_table
-from maestro_data.device import d4_apply_torch, to_model_batch
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.errors import StreamError
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.stream import StreamConfig, make_loader, rank_slots
+from maestro_data.stream.augment import d4_apply, d4_inverse
+from maestro_data.stream.batch import BatchError, check_batch, check_loader_batch
+from maestro_data.stream.collate import BatchBuffer, SampleTransform, TransformOptions, label_dtype, label_table
+from maestro_data.stream.device import d4_apply_torch, to_model_batch
+from maestro_data.stream.loader import StreamConfig, make_loader, rank_slots
 
 
 @pytest.mark.parametrize("dataset", ["treesatai-ts", "pastis-hd", "flair-hub", "flair2"])

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fakes import MemorySource
 
-import maestro_data.build as build_mod
-from maestro_data.build import BuildOptions, build_store
+import maestro_data.build.pipeline as build_mod
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 
 TIMEOUT = datetime.timedelta(seconds=30)
 # (workers, mode, split): workers 0, 1 and 2 on every world size, train and eval (kept few: each rank is a process)
@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, index: str, out: str) -> None:
-    from maestro_data.stream import StreamConfig, make_loader
+    from maestro_data.stream.loader import StreamConfig, make_loader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -8,15 +8,15 @@ import pytest
 import torch
 from streamkit import TREESAT, copy_shards, rewrite_member, run, same_batches
 
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions
-from maestro_data.device import to_model_batch
 from maestro_data.errors import StreamError
 from maestro_data.manifest import load_manifest
+from maestro_data.stream.collate import BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.stream.device import to_model_batch
 
 
 def _reference_normalise(x: np.ndarray, log_scale: bool, norm_factor: float) -> np.ndarray:
     """The official order written out with temporaries: float32 copy, log floor + log, / factor, NaN fill."""
-    from maestro_data.temporal import LOG_FLOOR, fill_nonfinite
+    from maestro_data.stream.temporal import LOG_FLOOR, fill_nonfinite
 
     out = np.array(x, dtype=np.float32, copy=True)
     if log_scale:
@@ -26,7 +26,7 @@ def _reference_normalise(x: np.ndarray, log_scale: bool, norm_factor: float) -> 
 
 
 def test_normalise_into_a_row_equals_the_reference_bit_for_bit():
-    from maestro_data.temporal import normalise
+    from maestro_data.stream.temporal import normalise
 
     rng = np.random.default_rng(1)
     x = rng.random((3, 2, 70, 70), dtype=np.float32) * 3
@@ -44,8 +44,7 @@ def test_normalise_into_a_row_equals_the_reference_bit_for_bit():
 
 
 def _sidecar_of(root, entry):
-    from maestro_data.index_format import parse_sidecar
-    from maestro_data.shards import tile_id_of
+    from maestro_data.stream.index_format import parse_sidecar, tile_id_of
 
     raw = (root / entry["url"].removesuffix(".tar")).with_suffix(".samples.json").read_bytes()
     return parse_sidecar(raw, "x.samples.json", entry["samples"], entry["sha256"], tile_id_of)
@@ -54,10 +53,10 @@ def _sidecar_of(root, entry):
 def test_sidecar_layouts_are_the_tar_headers_and_a_schema_1_index_is_refused_then_reindexed(mem, tmp_path):
     import json
 
-    from maestro_data.index_format import all_entries
-    from maestro_data.layout import scan_shard, spans_from_sidecar
-    from maestro_data.reindex import reindex
-    from maestro_data.remote import AccessOptions, open_source
+    from maestro_data.stream.index_format import all_entries
+    from maestro_data.stream.layout import scan_shard, spans_from_sidecar
+    from maestro_data.stream.reindex import reindex
+    from maestro_data.stream.remote import AccessOptions, open_source
 
     index = json.loads((mem / "index.json").read_text())
     old = copy_shards(mem, tmp_path / "old")
@@ -85,8 +84,8 @@ def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monk
     import json
 
     from maestro_data.errors import ShardError
-    from maestro_data.index_format import shard_entries
-    from maestro_data.layout import spans_from_sidecar
+    from maestro_data.stream.index_format import shard_entries
+    from maestro_data.stream.layout import spans_from_sidecar
 
     index = json.loads((mem / "index.json").read_text())
     entry = max(shard_entries(index, "train"), key=lambda e: e["samples"])
@@ -123,7 +122,7 @@ def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monk
     (shifted / "index.json").write_text(json.dumps(index))
     with pytest.raises(StreamError, match=rf"{entry['url']}: sample '.*': the tar header before byte \d+"):
         run(shifted, "train", mode="eval")
-    from maestro_data.verify import verify
+    from maestro_data.stream.verify import verify
 
     assert verify(shifted) == []  # in bounds and well formed: only the full check reads the headers
     (problem,) = verify(shifted, full=True)
@@ -136,7 +135,7 @@ def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monk
     (problem,) = verify(shifted)
     assert entry["url"] in problem and "beyond the shard's" in problem
     # a sidecar that does not match the index's digest is refused (by a process that has not read it yet)
-    import maestro_data.stream_read as stream_read
+    import maestro_data.stream.shard_table as stream_read
 
     monkeypatch.setattr(stream_read, "_SPANS", stream_read.SpanCache())
     path.write_text(path.read_text() + " ")
@@ -145,7 +144,7 @@ def test_hostile_sidecar_layouts_are_refused_before_any_read(mem, tmp_path, monk
 
 
 def test_batch_memory_is_recycled_only_once_released_and_padding_rows_are_zero():
-    from maestro_data.collate import POOL_MIN_BYTES, ArrayPool
+    from maestro_data.stream.collate import POOL_MIN_BYTES, ArrayPool
 
     pool = ArrayPool(keep=1)
     shape = (POOL_MIN_BYTES,)
@@ -183,7 +182,7 @@ def test_a_shard_rewritten_at_the_same_url_is_not_read_with_stale_offsets(mem, t
 
 
 def test_span_cache_is_bounded_and_least_recently_used_goes_first():
-    from maestro_data.stream_read import SpanCache
+    from maestro_data.stream.shard_table import SpanCache
 
     cache = SpanCache(size=2)
     cache.put(("a.tar", "1"), [])
@@ -195,8 +194,8 @@ def test_span_cache_is_bounded_and_least_recently_used_goes_first():
 
 @pytest.mark.parametrize("log_scale", [False, True])
 def test_device_normalisation_is_temporal_normalise(log_scale):
-    from maestro_data.device import normalise_tensor
-    from maestro_data.temporal import normalise
+    from maestro_data.stream.device import normalise_tensor
+    from maestro_data.stream.temporal import normalise
 
     rng = np.random.default_rng(4)
     for x in (rng.integers(0, 65535, (3, 2, 9, 9)).astype(np.uint16), rng.integers(-500, 9000, (4, 7)).astype(
@@ -210,7 +209,7 @@ def test_device_normalisation_is_temporal_normalise(log_scale):
 
 
 def test_label_table_is_built_once_per_target_and_device(synthetic):
-    from maestro_data.device import _label_table
+    from maestro_data.stream.device import _label_table
 
     manifest = load_manifest("pastis-hd")
     batches = run(synthetic("pastis-hd"), "val", manifest, mode="eval", batch_size=2)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from maestro_data.build import BuildOptions, build_store
+from maestro_data.build.pipeline import BuildOptions, build_store
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.errors import MaestroError
 from maestro_data.manifest import load_manifest, parse_manifest
-from maestro_data.shards import ShardOptions, write_shards
-from maestro_data.stream import StreamConfig, make_loader
+from maestro_data.stream.loader import StreamConfig, make_loader
 
 MANIFEST = load_manifest("treesatai-ts")
 

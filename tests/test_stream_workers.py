@@ -17,12 +17,12 @@ import pytest
 import torch
 from streamkit import TREESAT, same_batches
 
-import maestro_data.slots as slots_mod
-import maestro_data.stream as stream_mod
-import maestro_data.workers as workers_mod
-from maestro_data.collate import BatchBuffer
+import maestro_data.stream.loader as stream_mod
+import maestro_data.stream.slots as slots_mod
+import maestro_data.stream.workers as workers_mod
 from maestro_data.errors import StreamError
-from maestro_data.stream import StreamConfig, make_loader
+from maestro_data.stream.collate import BatchBuffer
+from maestro_data.stream.loader import StreamConfig, make_loader
 
 KW = dict(batch_size=2, block_samples=4, seed=3)
 
@@ -226,7 +226,7 @@ def test_pin_memory_locks_each_slot_once_and_waits_for_copies_before_reuse(mem, 
 
 
 def test_pin_memory_without_cuda_warns_and_keeps_pageable_batches(caplog):
-    with caplog.at_level("WARNING", logger="maestro_data.slots"):
+    with caplog.at_level("WARNING", logger="maestro_data.stream.slots"):
         pinner = slots_mod.make_pinner(True)
     if torch.cuda.is_available():
         pytest.skip("a CUDA host pins for real")
@@ -244,7 +244,7 @@ def test_what_a_spawned_worker_receives_pickles_and_a_small_dev_shm_is_announced
     assert again[1].plan(0).slots.tolist() == loader.plan(0).slots.tolist() and again[0].reader is None
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 1 << 20))
-    with caplog.at_level("WARNING", logger="maestro_data.workers"):
+    with caplog.at_level("WARNING", logger="maestro_data.stream.workers"):
         small = make_loader(StreamConfig(str(mem), "val", mode="eval", num_workers=1, **KW), TREESAT)
         list(small)
         small.close()

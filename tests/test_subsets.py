@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maestro_data.errors import StoreError
-from maestro_data.manifest import load_manifest
-from maestro_data.subsets import (
+from maestro_data.build.subsets import (
     fps_subsets,
     furthest_point_order,
     geocentric,
@@ -19,6 +17,8 @@ from maestro_data.subsets import (
     split_csv_name,
     subset_count,
 )
+from maestro_data.errors import StoreError
+from maestro_data.manifest import load_manifest
 
 
 def brute_force_fps(points: np.ndarray, count: int, start: int) -> list[int]:

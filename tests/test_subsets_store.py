@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.subsets import fps_subsets, subset_count
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import StoreError
 from maestro_data.manifest import load_manifest
-from maestro_data.store import TileStore
-from maestro_data.subsets import fps_subsets, subset_count
 
 MANIFEST = load_manifest("treesatai-ts")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from maestro_data.errors import StreamError
 from maestro_data.randomness import sample_rng
-from maestro_data.temporal import (
+from maestro_data.stream.temporal import (
     apply_selection,
     bin_indices,
     fill_nonfinite,
@@ -250,7 +250,7 @@ def test_work_dtype_is_exact():
        cloud_rate=st.sampled_from([0.0, 0.1, 0.6, 1.0]), floats=st.booleans(), seed=st.integers(0, 10**6))
 @settings(max_examples=60, deadline=None)
 def test_train_nan_counts_equal_those_of_the_masked_float_bins(steps, bins, nan_rate, cloud_rate, floats, seed):
-    from maestro_data.temporal import _masked_steps, _nan_counts
+    from maestro_data.stream.temporal import _masked_steps, _nan_counts
 
     if steps < bins:
         return

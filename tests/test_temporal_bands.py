@@ -11,10 +11,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maestro_data.collate import BatchBuffer, SampleTransform, TransformOptions
 from maestro_data.manifest import load_manifest
 from maestro_data.randomness import sample_rng
-from maestro_data.temporal import bin_indices, select_steps
+from maestro_data.stream.collate import BatchBuffer, SampleTransform, TransformOptions
+from maestro_data.stream.temporal import bin_indices, select_steps
 
 PASTIS = load_manifest("pastis-hd")
 # bin 0 of the crafted S1 series (dB): VV, VH per step; the stored third channel is VV - VH

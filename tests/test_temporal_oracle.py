@@ -14,7 +14,7 @@ import pytest
 
 from maestro_data.dates import dates_array
 from maestro_data.manifest import load_manifest
-from maestro_data.temporal import apply_selection, normalise, select_steps
+from maestro_data.stream.temporal import apply_selection, normalise, select_steps
 
 TILE = "Betula_spec._1_15679_WEFL_NLF"
 # HDF5 dataset, products dataset, date token of the product name (official reader, day resolution)

@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.errors import ShardError
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.synthetic import generate, temporal_labels
 from maestro_model import train_loop
 from maestro_model.checkpoints import CheckpointError, load_model

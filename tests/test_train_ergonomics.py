@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 from maestro_cli.train import main
-from maestro_data.build import BuildOptions, build_store, compute_subsets
+from maestro_data.build.pipeline import BuildOptions, build_store, compute_subsets
+from maestro_data.build.shards import ShardOptions, write_shards
 from maestro_data.manifest import load_manifest
-from maestro_data.shards import ShardOptions, write_shards
 from maestro_data.synthetic import generate
 from maestro_model.config import load_config
 from maestro_model.train import Trainer, TrainError, train

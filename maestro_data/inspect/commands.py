@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from maestro_data.build.tile_store import TileStore
 from maestro_data.inspect.figures import draw_view, save_png
 from maestro_data.inspect.proposal import GROUP_DISTANCE, Proposal, manifest_with
 from maestro_data.inspect.samples import display_manifest, load_sample, model_sample
 from maestro_data.inspect.show import TileView, model_view, tile_view
 from maestro_data.inspect.stats import compute_stats
 from maestro_data.inspect.stats_figures import write_stats_figures
-from maestro_data.store import TileStore
 
 
 @dataclass(frozen=True)

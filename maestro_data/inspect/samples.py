@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maestro_data.collate import BatchBuffer, SampleTransform
-from maestro_data.device import to_model_batch
+from maestro_data.build.shards import sample_members
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import ManifestError, ShardError, StreamError
-from maestro_data.index_format import INDEX_NAME, all_entries, parse_sidecar, sidecar_url
 from maestro_data.manifest import Manifest, load_manifest
-from maestro_data.remote import AccessOptions, read_object
-from maestro_data.shard_read import MEMBER, decode_npy, open_index, read_shard, shard_url, stored_manifest
-from maestro_data.shards import sample_members, tile_id_of
-from maestro_data.store import TileStore
-from maestro_data.stream import StreamConfig
+from maestro_data.stream.collate import BatchBuffer, SampleTransform
+from maestro_data.stream.device import to_model_batch
+from maestro_data.stream.index_format import INDEX_NAME, all_entries, parse_sidecar, sidecar_url, tile_id_of
+from maestro_data.stream.loader import StreamConfig
+from maestro_data.stream.remote import AccessOptions, read_object
+from maestro_data.stream.shard_read import MEMBER, decode_npy, open_index, read_shard, shard_url, stored_manifest
 
 
 def is_index(location: str | Path) -> bool:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from maestro_data.augment import crop_window, eval_crop_origins
 from maestro_data.dates import iso_day
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
-from maestro_data.temporal import LOG_FLOOR, channel_index, select_steps
+from maestro_data.stream.augment import crop_window, eval_crop_origins
+from maestro_data.stream.temporal import LOG_FLOOR, channel_index, select_steps
 
 FALLBACK = "#808080"  # class colour when the manifest lists none
 MISSING_RGBA = (0.85, 0.85, 0.85, 1.0)  # ignored / missing labels

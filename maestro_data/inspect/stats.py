@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from maestro_data.build.tile_store import TileStore
 from maestro_data.dates import iso_day
 from maestro_data.errors import StoreError
 from maestro_data.inspect.accumulate import FLOAT_BINS, CoMoments, Histogram, Moments
 from maestro_data.inspect.proposal import GROUP_DISTANCE, Proposal, propose
 from maestro_data.manifest import ModalitySpec, TargetSpec
-from maestro_data.store import TileStore
-from maestro_data.temporal import LOG_FLOOR
+from maestro_data.stream.temporal import LOG_FLOOR
 from maestro_data.tile import Series
 
 PERCENTILES = (1, 2, 50, 98, 99)

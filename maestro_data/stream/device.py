@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from maestro_data.collate import label_table
 from maestro_data.manifest import Manifest, TargetSpec
-from maestro_data.temporal import LOG_FLOOR
+from maestro_data.stream.collate import label_table
+from maestro_data.stream.temporal import LOG_FLOOR
 
 
 def to_tensors(batch: dict) -> dict:

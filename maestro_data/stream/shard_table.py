@@ -1,6 +1,6 @@
 """The stream's view of a shard set: the shards of a split/subset, and sequential reads of chosen samples.
 
-The safety rules are those of ``maestro_data.shard_read`` (its member rule, its npy decoder ``decode_npy``; urls
+The safety rules are those of ``maestro_data.stream.shard_read`` (its member rule, its npy decoder ``decode_npy``; urls
 resolved relative to the index by ``shard_url``: no ``pipe:``, no absolute urls). The table is O(shards): url,
 sample count, bytes and digests of each shard, from ``index.json``. A shard's keys, tile ids and member layout come
 from its sidecar, fetched (and checked against the index's size and sha256) only by a process that reads the
@@ -20,13 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maestro_data.cache import Access
 from maestro_data.errors import MaestroError, StreamError
-from maestro_data.index_format import COLUMNS, parse_sidecar, shard_columns, sidecar_url
-from maestro_data.layout import SampleBuffer, SampleSpan, read_sample, spans_from_sidecar
 from maestro_data.manifest import Manifest
-from maestro_data.shard_read import check_sample, decode_npy, shard_url
-from maestro_data.shards import tile_id_of
+from maestro_data.stream.cache import Access
+from maestro_data.stream.index_format import COLUMNS, parse_sidecar, shard_columns, sidecar_url, tile_id_of
+from maestro_data.stream.layout import SampleBuffer, SampleSpan, read_sample, spans_from_sidecar
+from maestro_data.stream.shard_read import check_sample, decode_npy, shard_url
 
 
 @dataclass(frozen=True)

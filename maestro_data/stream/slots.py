@@ -1,4 +1,4 @@
-"""Batch memory shared by the loader's worker processes and its main process (see ``stream.py``, Workers).
+"""Batch memory shared by the loader's worker processes and its main process (see ``loader.py``, Workers).
 
 A *slot* holds one batch: every array of ``collate.batch_shapes`` at a fixed offset (:class:`SlotLayout`) of one
 ``multiprocessing.shared_memory`` segment. The main process owns every slot (:class:`SlotPool`): it creates it

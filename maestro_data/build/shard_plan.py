@@ -20,8 +20,8 @@ from functools import lru_cache
 import numpy as np
 
 from maestro_data import georef
+from maestro_data.build.tile_store import TileStore
 from maestro_data.randomness import permutation
-from maestro_data.store import TileStore
 from maestro_data.tile import Grid
 
 PLAIN_NAME = 100  # ustar name field: longer (or non-ASCII) names get a PAX header

@@ -22,10 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from maestro_data.errors import MaestroError, ShardError
-from maestro_data.index_format import INDEX_NAME, MAX_INDEX_BYTES, check_index, load_json, relative_url_problem
 from maestro_data.manifest import Manifest, parse_manifest
-from maestro_data.remote import AccessOptions, Missing, SourceFile, object_size, open_source, read_object
-from maestro_data.shards import tile_id_of
+from maestro_data.stream.index_format import (
+    INDEX_NAME,
+    MAX_INDEX_BYTES,
+    check_index,
+    load_json,
+    relative_url_problem,
+    tile_id_of,
+)
+from maestro_data.stream.remote import AccessOptions, Missing, SourceFile, object_size, open_source, read_object
 
 MAX_NPY_HEADER = 4096
 # the member-name rule of check_member: ``<key>.<field>.npy`` -> groups 1, 2; ``<key>.json`` -> 4

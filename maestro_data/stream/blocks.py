@@ -1,18 +1,18 @@
 """Building one block of an epoch plan into batch buffers: the work of a loader worker, or of the loader's own
-process with ``num_workers=0`` (see ``stream.py``'s docstring, Order and Workers). Pure with respect to the plan:
+process with ``num_workers=0`` (see ``loader.py``'s docstring, Order and Workers). Pure with respect to the plan:
 block ``k`` of epoch ``e`` holds the same rows whichever process builds it and whenever."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from maestro_data.cache import Access
-from maestro_data.collate import BatchBuffer, SampleTransform
 from maestro_data.errors import MaestroError, StreamError
 from maestro_data.manifest import Manifest
-from maestro_data.plan import EpochPlan
-from maestro_data.shards import tile_id_of
-from maestro_data.stream_read import ShardReader, ShardTable
+from maestro_data.stream.cache import Access
+from maestro_data.stream.collate import BatchBuffer, SampleTransform
+from maestro_data.stream.index_format import tile_id_of
+from maestro_data.stream.plan import EpochPlan
+from maestro_data.stream.shard_table import ShardReader, ShardTable
 
 
 @dataclass

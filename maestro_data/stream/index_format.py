@@ -24,6 +24,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import NoReturn
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -39,7 +40,7 @@ MAX_INDEX_BYTES = 512 << 20  # ~70x a 10 M-tile index: anything larger is not an
 MAX_SIDECAR_BYTES = 256 << 20
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-KEY = re.compile(r"^[A-Za-z0-9_%-]+$")  # sample keys as shards.sample_key writes them
+KEY = re.compile(r"^[A-Za-z0-9_%-]+$")  # sample keys as sample_key (below) writes them
 FIELD = re.compile(r"^[A-Za-z0-9_]+$")  # a member's field name (``json`` for the metadata)
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # split names
 TIER = re.compile(r"^[0-9]{1,3}$")
@@ -259,3 +260,12 @@ def parse_sidecar(raw: bytes, where: str, samples: int, shard_sha256: str, tile_
     except OverflowError:
         _fail(where, "layout", "offsets and sizes that fit 64 bits", max(body["layout"]))
     return Sidecar(tuple(keys), tuple(ids), tuple(fields), layout)
+
+
+def sample_key(tile_id: str) -> str:
+    """Reversible, tar- and webdataset-safe key: every character outside [A-Za-z0-9_-] is percent-encoded."""
+    return quote(tile_id, safe="").replace(".", "%2E").replace("~", "%7E")
+
+
+def tile_id_of(key: str) -> str:
+    return unquote(key)

@@ -1,4 +1,4 @@
-"""Planning one rank's epoch from the shard table alone (pure functions; see ``stream.py``'s docstring for the
+"""Planning one rank's epoch from the shard table alone (pure functions; see ``loader.py``'s docstring for the
 order, the equal shares and the blocks): O(shards + this rank's share) time and memory at any corpus size."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from maestro_data.errors import StreamError
 from maestro_data.randomness import permutation
-from maestro_data.stream_read import ShardTable
+from maestro_data.stream.shard_table import ShardTable
 
 
 @dataclass(frozen=True)

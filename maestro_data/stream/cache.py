@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from maestro_data.errors import ShardError
-from maestro_data.remote import (
+from maestro_data.stream.remote import (
     AccessOptions,
     ByteSource,
     LocalSource,

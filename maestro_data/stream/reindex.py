@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from maestro_data import __version__
 from maestro_data.errors import ShardError
-from maestro_data.index_format import (
+from maestro_data.stream.index_format import (
     COLUMNS,
     INDEX_FORMAT,
     INDEX_SCHEMA,
@@ -29,11 +29,11 @@ from maestro_data.index_format import (
     index_bytes,
     load_json,
     sidecar_url,
+    tile_id_of,
 )
-from maestro_data.layout import SampleSpan, scan_shard
-from maestro_data.remote import AccessOptions, open_source, read_object, write_object
-from maestro_data.shard_read import resolve_index, shard_url
-from maestro_data.shards import tile_id_of
+from maestro_data.stream.layout import SampleSpan, scan_shard
+from maestro_data.stream.remote import AccessOptions, open_source, read_object, write_object
+from maestro_data.stream.shard_read import resolve_index, shard_url
 
 
 def _old_entries(index: dict, where: str) -> list[dict]:

@@ -61,7 +61,7 @@ and the pages of its ring; only the main process creates and unlinks segments, s
 batches of that epoch (skipped blocks are not read). Same world size and batch size required. ``set_epoch(e)`` with
 the restored epoch keeps the resume point; another epoch starts from its first batch.
 
-**Batches.** ``maestro_data/batch.py`` keys as ``batch.check_loader_batch`` allows them, plus ``valid`` bool [B],
+**Batches.** ``maestro_data/stream/batch.py`` keys as ``batch.check_loader_batch`` allows them, plus ``valid`` bool [B],
 ``crop_index`` int64 [B], ``<mod>_missing`` bool [B] (no date for that modality: zeros) and, with
 ``d4_on_device`` (default), ``d4`` int64 [B]: the D4 element of each row, applied to every raster and label by
 ``device.to_model_batch``, which also normalises integer modalities and maps the stored uint8 segmentation classes
@@ -85,9 +85,11 @@ from dataclasses import dataclass
 
 import torch
 
-from maestro_data.blocks import BlockBuilder
-from maestro_data.cache import Access
-from maestro_data.collate import (
+from maestro_data.errors import MaestroError, StreamError
+from maestro_data.manifest import Manifest
+from maestro_data.stream.blocks import BlockBuilder
+from maestro_data.stream.cache import Access
+from maestro_data.stream.collate import (
     ArrayPool,
     BatchBuffer,
     SampleTransform,
@@ -95,15 +97,13 @@ from maestro_data.collate import (
     batch_shapes,
     option_problems,
 )
-from maestro_data.device import to_model_batch, to_tensors
-from maestro_data.errors import MaestroError, StreamError
-from maestro_data.manifest import Manifest
-from maestro_data.plan import EpochOrder, EpochPlan, Planner, epoch_order, rank_slots, stream_order
-from maestro_data.remote import AccessOptions
-from maestro_data.shard_read import check_manifest, open_index, stored_manifest
-from maestro_data.slots import SlotLayout, make_pinner
-from maestro_data.stream_read import ShardTable, load_table
-from maestro_data.workers import Block, WorkerPool
+from maestro_data.stream.device import to_model_batch, to_tensors
+from maestro_data.stream.plan import EpochOrder, EpochPlan, Planner, epoch_order, rank_slots, stream_order
+from maestro_data.stream.remote import AccessOptions
+from maestro_data.stream.shard_read import check_manifest, open_index, stored_manifest
+from maestro_data.stream.shard_table import ShardTable, load_table
+from maestro_data.stream.slots import SlotLayout, make_pinner
+from maestro_data.stream.workers import Block, WorkerPool
 
 __all__ = ["StreamConfig", "StreamLoader", "EpochPlan", "make_loader", "to_model_batch", "stream_order",
            "rank_slots", "ShardTable", "load_table", "EpochOrder", "epoch_order"]
@@ -195,7 +195,7 @@ class _LocalBlock:
 
 
 class StreamLoader:
-    """Iterable of batch dicts (``maestro_data/batch.py`` contract + ``valid`` bool [B], ``crop_index`` int64 [B],
+    """Iterable of batch dicts (``batch.py`` contract + ``valid`` bool [B], ``crop_index`` int64 [B],
     ``<mod>_missing`` bool [B]) for one rank; ``len()`` is equal on every rank. A batch stays valid until released
     (no reference left to it or to a tensor made from it); ``close()`` stops the worker processes."""
 

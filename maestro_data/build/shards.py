@@ -21,7 +21,7 @@ markers are removed once ``index.json`` is written.
 
 Beside each shard, ``<split>/<tier>-<nnnnn>.samples.json`` (its sidecar) lists the shard's sample keys, tile
 ids and member layout; ``index.json`` holds per shard only url, samples, bytes, sha256 and the sidecar's size and
-sha256 (``maestro_data/index_format.py`` describes both). Every sample of a shard has the same members in the same
+sha256 (``stream/index_format.py`` describes both). Every sample of a shard has the same members in the same
 order (one manifest), so the layout is one integer row per sample.
 """
 
@@ -35,39 +35,30 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 import numpy as np
 from tqdm import tqdm
 
 from maestro_data import __version__
+from maestro_data.build.executors import Executor, LocalExecutor, new_token, worker_cache
+from maestro_data.build.shard_plan import ShardTask, plan_shards, sample_meta
+from maestro_data.build.tile_store import TileStore
 from maestro_data.errors import ShardError, StoreError
-from maestro_data.executors import Executor, LocalExecutor, new_token, worker_cache
-from maestro_data.index_format import (
+from maestro_data.location import Location
+from maestro_data.stream.index_format import (
     COLUMNS,
     INDEX_FORMAT,
     INDEX_NAME,
     INDEX_SCHEMA,
     encode_sidecar,
     index_bytes,
+    sample_key,
     sidecar_url,
 )
-from maestro_data.location import Location
-from maestro_data.shard_plan import ShardTask, plan_shards, sample_meta
-from maestro_data.store import TileStore
 from maestro_data.tile import Tile
 
 DEFAULT_SHARD_BYTES = 1 << 30
 PROGRESS_DIR = "_build"  # per-shard done markers while a shard set is being written (removed once indexed)
-
-
-def sample_key(tile_id: str) -> str:
-    """Reversible, tar- and webdataset-safe key: every character outside [A-Za-z0-9_-] is percent-encoded."""
-    return quote(tile_id, safe="").replace(".", "%2E").replace("~", "%7E")
-
-
-def tile_id_of(key: str) -> str:
-    return unquote(key)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

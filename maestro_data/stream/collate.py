@@ -31,11 +31,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maestro_data.augment import crop_grid, crop_window, d4_apply, eval_crop_origins, random_crop_origin, random_d4
 from maestro_data.errors import StreamError
 from maestro_data.manifest import Manifest, ModalitySpec, TargetSpec
 from maestro_data.randomness import sample_rng
-from maestro_data.temporal import channel_index, fill_nonfinite, normalise, select_steps
+from maestro_data.stream.augment import (
+    crop_grid,
+    crop_window,
+    d4_apply,
+    eval_crop_origins,
+    random_crop_origin,
+    random_d4,
+)
+from maestro_data.stream.temporal import channel_index, fill_nonfinite, normalise, select_steps
 
 BIG_RASTER = 4096  # pixels per step from which a raster is copied plane by plane (no gathered temporary)
 POOL_MIN_BYTES = 1 << 18  # batch arrays from which ArrayPool recycles memory

@@ -65,7 +65,7 @@ def _ensure_group(store: Location, new_store: bool) -> None:
         return
     if new_store or store.size(key) is None:
         store.write_bytes(key, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
-            "about": "chunk integrity records (maestro_data.integrity)"}}).encode())
+            "about": "chunk integrity records (maestro_data.build.integrity)"}}).encode())
     _GROUPS_MADE.add(store.url)
 
 

@@ -1,7 +1,7 @@
 """Verifying a shard set: every shard and sidecar present, of the index's size and sha256, sidecars well formed and
 within their shards, no sample key in two shards; with ``full``, each sidecar layout equal to its shard's own tar
 headers and every sample read and decoded exactly as the stream reads it (``layout.read_sample``,
-``stream_read.decode_sample``) and checked against the manifest. Reads go through the access layer (retries)."""
+``shard_table.decode_sample``) and checked against the manifest. Reads go through the access layer (retries)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from maestro_data.errors import MaestroError, ShardError
-from maestro_data.index_format import all_entries, parse_sidecar, sidecar_url
-from maestro_data.layout import SampleBuffer, SampleSpan, read_sample, scan_shard, spans_from_sidecar
 from maestro_data.manifest import Manifest
-from maestro_data.remote import AccessOptions, Missing, open_source, read_object
-from maestro_data.shard_read import check_manifest, check_sample, open_index, shard_url, stored_manifest
-from maestro_data.shards import tile_id_of
-from maestro_data.stream_read import decode_sample
+from maestro_data.stream.index_format import all_entries, parse_sidecar, sidecar_url, tile_id_of
+from maestro_data.stream.layout import SampleBuffer, SampleSpan, read_sample, scan_shard, spans_from_sidecar
+from maestro_data.stream.remote import AccessOptions, Missing, open_source, read_object
+from maestro_data.stream.shard_read import check_manifest, check_sample, open_index, shard_url, stored_manifest
+from maestro_data.stream.shard_table import decode_sample
 
 READ = 8 << 20
 

@@ -1,4 +1,4 @@
-"""The loader's worker processes: started once, kept across epochs, fed block requests (see ``stream.py``, Workers).
+"""The loader's worker processes: started once, kept across epochs, fed block requests (see ``loader.py``, Workers).
 
 The main process asks worker ``k % W`` for block ``k`` of an epoch, naming the slots (``slots.SlotPool``) it must
 fill; the worker plans that epoch itself (``plan.Planner``: only epoch numbers and slot ids cross the pipe), builds
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from maestro_data.blocks import BlockBuilder
-from maestro_data.collate import BatchBuffer
 from maestro_data.errors import MaestroError, StreamError
-from maestro_data.plan import Planner
-from maestro_data.slots import Pinner, SlotLayout, SlotPool
+from maestro_data.stream.blocks import BlockBuilder
+from maestro_data.stream.collate import BatchBuffer
+from maestro_data.stream.plan import Planner
+from maestro_data.stream.slots import Pinner, SlotLayout, SlotPool
 
 log = logging.getLogger(__name__)
 WATCHDOG_S = 1.0  # an idle worker checks this often that the main process still exists

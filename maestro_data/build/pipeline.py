@@ -5,7 +5,7 @@ converting are tasks of an executor (``executors.py``: a local process pool or a
 converted by one task, which writes whole zarr shards, their integrity record, and then an atomic marker
 (``<out>/_build/blocks/<b>.json``). ``--resume`` re-plans, checks the plan is the one already in the store, and
 converts only the blocks without a marker, so a killed build (or a lost cluster) ends with exactly the store an
-uninterrupted build writes. ``<out>`` is a local folder or any fsspec url (``location.py``): the markers live
+uninterrupted build writes. ``<out>`` is a local folder or any fsspec url (``maestro_data/location.py``): the markers live
 with the store, so a resume needs nothing but what the output holds. The store's ``complete`` attribute and
 ``report.json`` are written last.
 """
@@ -25,15 +25,17 @@ import rasterio
 import zarr
 from tqdm import tqdm
 
-from maestro_data import __version__, integrity
+from maestro_data import __version__
+from maestro_data.build import integrity
+from maestro_data.build.executors import Executor, LocalExecutor, new_token, worker_cache
+from maestro_data.build.store import StorePlan, create_store, make_plan, write_block
+from maestro_data.build.tile_store import tree_bytes
 from maestro_data.errors import SourceError, StoreError, describe_os_error
-from maestro_data.executors import Executor, LocalExecutor, new_token, worker_cache
 from maestro_data.location import STORE_NAME, Location
 from maestro_data.manifest import Manifest
 from maestro_data.sources import Source, SourceOptions, open_source
 from maestro_data.sources.base import GDAL_READ_OPTIONS
 from maestro_data.split_origin import describe as describe_split_origin
-from maestro_data.store import StorePlan, create_store, make_plan, tree_bytes, write_block
 from maestro_data.tile import TileRef
 from maestro_data.unlabelled import without_targets
 
@@ -278,8 +280,9 @@ def compute_subsets(store_path: str | Path | Location, percents: tuple[int, ...]
     Per split, not per phase: pretraining on p % reads the p % tiers of train and val, as MAESTRO's
     ``train_filtered_p.csv`` + ``val_filtered_p.csv``; this keeps one copy of every tile in the shards.
     Percentages are whole numbers in (0, 100): they name the shard tiers, and the rest of a split is tier 100."""
-    from maestro_data.store import TileStore, write_subsets
-    from maestro_data.subsets import fps_subsets, read_split_csvs
+    from maestro_data.build.store import write_subsets
+    from maestro_data.build.subsets import fps_subsets, read_split_csvs
+    from maestro_data.build.tile_store import TileStore
 
     bad = [p for p in percents if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 < p < 100]
     if bad or len(set(percents)) != len(percents):

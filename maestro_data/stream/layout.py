@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from maestro_data.errors import MaestroError, ShardError
-from maestro_data.index_format import Sidecar
-from maestro_data.remote import ByteSource, SourceFile
-from maestro_data.shard_read import check_member
+from maestro_data.stream.index_format import Sidecar
+from maestro_data.stream.remote import ByteSource, SourceFile
+from maestro_data.stream.shard_read import check_member
 
 BLOCK = tarfile.BLOCKSIZE
 MAX_HEADER_BYTES = 64 << 10  # padding + (PAX) headers between two members; ours are 512 bytes or a few blocks
