@@ -5,8 +5,8 @@ converting are tasks of an executor (``executors.py``: a local process pool or a
 converted by one task, which writes whole zarr shards, their integrity record, and then an atomic marker
 (``<out>/_build/blocks/<b>.json``). ``--resume`` re-plans, checks the plan is the one already in the store, and
 converts only the blocks without a marker, so a killed build (or a lost cluster) ends with exactly the store an
-uninterrupted build writes. ``<out>`` is a local folder or any fsspec url (``maestro_data/location.py``): the markers live
-with the store, so a resume needs nothing but what the output holds. The store's ``complete`` attribute and
+uninterrupted build writes. ``<out>`` is a local folder or any fsspec url (``maestro_data/location.py``): the
+markers live with the store, so a resume needs nothing but what the output holds. The store's ``complete`` attribute and
 ``report.json`` are written last.
 """
 
