@@ -26,13 +26,13 @@ over a quiet machine). rasterio.open spent ~2/3 of its time having GDAL rebuild 
 export it as WKT for every file: the reader now resolves each GeoKey set once per process (``sources/geotiff.py``)
 and opens later files with GDAL's georeferencing off (7 files: ~9 -> ~2.5 ms/tile under that load), and parses each
 date cell once. zarr-python's per-chunk machinery cost more than blosc itself: ``build/zarr_shards.py`` encodes a
-block's shard in one pass from the tiles' own arrays, byte for byte what zarr wrote (write_block ~16 -> ~12
-ms/tile under that load). Interleaved old/new builds under a load of ~4: 20-22 -> 36-38 tiles/s/core (1.7-1.9x); the final code
-at a load of ~2.5: 48 tiles/s/core with the reader alone at 126 tiles/s (before: ~40-45 tiles/s/core on a quiet
-machine, not measured quiet since). What is left per tile: blosc-lz4 of ~4 MB (the stored codec: part of the
-store schema, kept), GDAL reads (pixel- to band-interleaved copies), sha256 of the ~2 MB written for the integrity
-record, rasterio's per-band attributes (and per-band debug logging) of 7 files, and per-build store creation and
-commit (~0.1 s).
+block's shard in one pass from the tiles' own arrays, byte for byte what zarr wrote (write_block ~16 -> ~12 ms/tile
+under that load). Interleaved old/new builds under a load of ~4: 20-22 -> 36-38 tiles/s/core (1.7-1.9x); the final
+code at a load of ~2.5: 48 tiles/s/core with the reader alone at 126 tiles/s (before: ~40-45 tiles/s/core on a quiet
+machine, not measured quiet since). What is left per tile: blosc-lz4 of ~4 MB (the stored codec: part of the store
+schema, kept), GDAL reads (pixel- to band-interleaved copies), sha256 of the ~2 MB written for the integrity record,
+rasterio's per-band attributes (and per-band debug logging) of 7 files, and per-build store creation and commit
+(~0.1 s).
 
 The LAST line printed is one JSON object with the figures.
 """
