@@ -117,6 +117,15 @@ class SampleTransform:
         # crop == tile (TreeSat, FLAIR): a single possible origin, no draw needed (its own rng stream: skipping
         # it shifts no other choice)
         self.random_crops = self.grid.max_origin_units > 0
+        # re-keyed for every draw (sample_rng's ``reuse``): each use is done before the next is keyed
+        self._rng = sample_rng(0, 0, "", "")
+
+    def __getstate__(self) -> dict:  # a Generator pickles, but its state is meaningless in another process
+        return {k: v for k, v in self.__dict__.items() if k != "_rng"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._rng = sample_rng(0, 0, "", "")
 
     def _windows(self, origin: tuple[float, float]) -> dict[str, tuple[int, int, int]]:
         out = {m: crop_window(s, origin) for m, s in self.manifest.modalities.items()}
@@ -150,10 +159,11 @@ class SampleTransform:
         key = sample["__key__"]
         seed = self.options.seed
         if self.train and self.random_crops:
-            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}"), self.grid))
+            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}", reuse=self._rng),
+                                                       self.grid))
         else:
             windows = self._eval_windows[crop]
-        k = random_d4(sample_rng(seed, epoch, key, f"d4:{crop}")) if self.options.d4 else 0
+        k = random_d4(sample_rng(seed, epoch, key, f"d4:{crop}", reuse=self._rng)) if self.options.d4 else 0
         host_k = 0 if self.options.d4_on_device else k
         for m, spec in self.manifest.modalities.items():
             row[f"{m}_missing"][...] = self._modality(sample, m, spec, windows[m], key, crop, epoch, row, host_k)
@@ -186,7 +196,8 @@ class SampleTransform:
                 mask = mask[:, :, r:r + s, c:c + s]
             threshold = spec.cloud_mask.threshold if spec.cloud_mask else 0.0
             random_offset = self.train or self.options.eval_offset == "random"
-            rng = sample_rng(self.options.seed, epoch, key, f"temporal:{m}:{crop}") if random_offset else None
+            rng = (sample_rng(self.options.seed, epoch, key, f"temporal:{m}:{crop}", reuse=self._rng)
+                   if random_offset else None)
             idx = select_steps(data, bins, mask=mask, threshold=threshold, mode=self.options.mode, rng=rng,
                                offset="random" if random_offset else 0, channels=self.choice_channels[m])
         else:  # T <= D: no truncation and no choice (temporal.py: bin d takes step floor(d*T/D))
