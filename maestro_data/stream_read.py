@@ -6,9 +6,9 @@ sample count, bytes and digests of each shard, from ``index.json``. A shard's ke
 from its sidecar, fetched (and checked against the index's size and sha256) only by a process that reads the
 shard, checked against the shard's size (``layout.spans_from_sidecar``) and cached per process by (url, sidecar
 sha256), at most ``SPAN_CACHE_SIZE`` shards. Bytes come through the access layer (``cache.Access``: retries,
-timeouts, the optional node-local cache). Each sample is read header by member (``layout.read_sample``: a header
-that disagrees with the sidecar is an error, not a misread) into a reused buffer, and its arrays are
-``np.frombuffer`` views of that buffer.
+timeouts, the optional node-local cache). Each sample is read at once, its headers checked before decoding
+(``layout.read_sample``: a header that disagrees with the sidecar is an error, not a misread) into a reused
+buffer, and its arrays are ``np.frombuffer`` views of that buffer.
 """
 
 from __future__ import annotations
