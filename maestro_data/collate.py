@@ -117,6 +117,7 @@ class SampleTransform:
         # crop == tile (TreeSat, FLAIR): a single possible origin, no draw needed (its own rng stream: skipping
         # it shifts no other choice)
         self.random_crops = self.grid.max_origin_units > 0
+        self._direct = [self._direct_fields(w) for w in self._eval_windows] if not self.random_crops else None
         # re-keyed for every draw (sample_rng's ``reuse``): each use is done before the next is keyed
         self._rng = sample_rng(0, 0, "", "")
 
@@ -132,6 +133,33 @@ class SampleTransform:
         out.update({t.name: crop_window(t, origin) for t in self.manifest.targets.values()
                     if t.type == "segmentation"})
         return out
+
+    def _direct_fields(self, windows: dict[str, tuple[int, int, int]]) -> tuple[str, ...]:
+        """The fields whose row is their stored member byte for byte when the member has the row's shape: whole
+        tile, one step, every channel in order, stored dtype kept (or float32 normalised in place), no host D4. A
+        reader may then read those members straight into the row (``direct``); the transform's copy or in-place
+        normalisation of a row onto itself gives the same bytes."""
+        if self.options.d4 and not self.options.d4_on_device:
+            return ()
+        out = []
+        for m, s in self.manifest.modalities.items():
+            r, c, size = windows[m]
+            stored = np.dtype(s.dtype)
+            # one step per bin and big: the member is the row (else a time series the selection cuts, read
+            # directly only to be copied back out)
+            if ((r, c, size) == (0, 0, s.tile_size) and size * size >= BIG_RASTER and s.temporal_bins == 1
+                    and self.select[m] is None and (self.deferred[m] or stored == np.float32)):
+                out.append(m)
+        for t in self.manifest.targets.values():
+            if (t.type == "segmentation" and self.raw[t.name] and windows[t.name] == (0, 0, t.tile_size)
+                    and t.tile_size ** 2 >= BIG_RASTER):
+                out.append(t.name)
+        return tuple(out)
+
+    def direct_fields(self, crop: int) -> tuple[str, ...]:
+        """The fields of element (sample, ``crop``) that may be read straight into its row (see above); none
+        with random crops."""
+        return self._direct[crop] if self._direct is not None else ()
 
     def output_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and dtype of every array key (the collation buffers)."""

@@ -149,14 +149,33 @@ class SampleBuffer:
         return memoryview(self.data)[start:end]
 
 
-def read_sample(source: ByteSource, span: SampleSpan, buffer: SampleBuffer) -> memoryview:
+def direct_body(direct: dict[str, np.ndarray] | None, field: str, size: int) -> np.ndarray | None:
+    """The array of ``direct`` that receives the last bytes of member ``field`` of ``size`` bytes, or None: THE
+    rule of both ``read_sample`` and ``stream_read.decode_sample`` (room is left for an npy header)."""
+    body = direct.get(field) if direct else None
+    return body if body is not None and 0 < body.nbytes <= size - 11 else None
+
+
+def read_sample(source: ByteSource, span: SampleSpan, buffer: SampleBuffer,
+                direct: dict[str, np.ndarray] | None = None) -> memoryview:
     """The bytes [span.start, span.end) of one sample, read at once, then the header in front of each member must
     name it with its size before any member is decoded (a failure is a ShardError naming shard and sample). One
     read per sample, not two per member: ~30 small reads and per-header Python sums cost more than the copy.
-    The span was checked against the shard's size (``spans_from_sidecar``), so it bounds the buffer as before."""
+    The span was checked against the shard's size (``spans_from_sidecar``), so it bounds the buffer as before.
+
+    ``direct``: field -> a C-contiguous array (a batch row) that receives the LAST ``nbytes`` bytes of that member
+    (its npy body when the header says so; ``stream_read.decode_sample`` checks): the row is then written by the
+    read itself, not by a second copy out of this buffer (whose bytes there are left stale)."""
     base = span.start
     data = buffer.view(0, span.end - base, keep=0)
-    source.readinto(base, data)
+    pos = base
+    for field, offset, size in span.members:  # ``direct`` bodies land in the caller's arrays, the rest here
+        body = direct_body(direct, field, size)
+        if body is not None:
+            source.readinto(pos, data[pos - base:offset + size - body.nbytes - base])
+            source.readinto(offset + size - body.nbytes, memoryview(body).cast("B"))
+            pos = offset + size
+    source.readinto(pos, data[pos - base:])
     # the last header block before each member: its byte sums (less the checksum field) in one reduction
     blocks = np.frombuffer(data, np.uint8)[np.asarray([o - base - BLOCK for _, o, _ in span.members])[:, None]
                                             + np.arange(BLOCK)]
