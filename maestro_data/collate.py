@@ -241,7 +241,8 @@ class SampleTransform:
                 for j, ch in enumerate(channels):
                     plane = data[step, ch] if k == 0 else d4_apply(data[step, ch], k)
                     if self.deferred[m]:
-                        dst[d, j] = plane
+                        if not _same_memory(plane, dst[d, j]):  # a row read straight from the shard is done
+                            dst[d, j] = plane
                     else:  # normalised straight from the sample into the row (one pass per plane)
                         normalise(plane, spec.log_scale, spec.norm_factor, fill=False, out=dst[d, j])
             if not self.deferred[m]:
@@ -271,7 +272,8 @@ class SampleTransform:
         if self.raw[t.name]:
             if labels.dtype != np.uint8:
                 raise StreamError(f"target {t.name!r}: {labels.dtype} labels, the manifest declares uint8")
-            dst[...] = d4_apply(labels, k) if k else labels
+            if k or not _same_memory(labels, dst):  # a row read straight from the shard is done
+                dst[...] = d4_apply(labels, k) if k else labels
             return
         if labels.dtype == np.uint8:  # the hot case: one gather of the raster through a 256-entry table
             np.take(self.luts8[t.name], d4_apply(labels, k) if k else labels, out=dst, mode="clip")
@@ -281,6 +283,13 @@ class SampleTransform:
         inside = (v >= 0) & (v < len(lut))
         mapped = np.where(inside, lut[np.clip(v, 0, len(lut) - 1)], t.missing_value)
         dst[...] = d4_apply(mapped, k)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (copying one onto the other is a no-op
+    that still costs a pass over a raster)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype == b.dtype)
 
 
 class ArrayPool:
