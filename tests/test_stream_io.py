@@ -219,3 +219,20 @@ def test_label_table_is_built_once_per_target_and_device(synthetic):
         to_model_batch(b, manifest, "cpu")
     info = _label_table.cache_info()
     assert info.misses == 1 and info.hits == len(batches) - 1
+
+
+def test_a_member_read_into_a_row_is_a_view_only_when_it_has_the_rows_shape():
+    import io
+
+    from maestro_data.stream.shard_table import _decode_direct
+
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    f = io.BytesIO()
+    np.save(f, arr)
+    member = f.getvalue()
+    for shape, view in (((2, 3, 4), True), ((1, 3, 4), False)):  # the row's shape; one step (a cut series)
+        row = np.empty(shape, np.float32)
+        cut = len(member) - row.nbytes  # what layout.read_sample leaves in the sample buffer
+        row.reshape(-1).view(np.uint8)[:] = np.frombuffer(member[cut:], np.uint8)
+        got = _decode_direct(memoryview(bytearray(member[:cut])), row, "m")
+        assert np.shares_memory(got, row) == view and np.array_equal(got, arr)

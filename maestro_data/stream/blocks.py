@@ -51,7 +51,10 @@ class BlockBuilder:
             if e >= 0:
                 need.setdefault(e // repeats, []).append((row, e % repeats))
         skipped: list[list[dict]] = [[] for _ in buffers]
-        for tile, key, sample, error in self.reader.read(sorted(need)):
+        # a tile with one element: its whole-tile members are read straight into their rows (no second copy)
+        direct = {tile: {f: buffers[row // b].arrays[f][row % b] for f in self.transform.direct_fields(crop)}
+                  for tile, [(row, crop)] in ((t, rows) for t, rows in need.items() if len(rows) == 1)}
+        for tile, key, sample, error in self.reader.read(sorted(need), direct):
             # a sample whose shard's sidecar could not be read is named by its position in the shard
             tile_id = tile_id_of(key) if key else f"{self.table.url_of(tile)}#{self.table.position_of(tile)}"
             if error is None:

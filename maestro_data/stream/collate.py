@@ -124,12 +124,49 @@ class SampleTransform:
         # crop == tile (TreeSat, FLAIR): a single possible origin, no draw needed (its own rng stream: skipping
         # it shifts no other choice)
         self.random_crops = self.grid.max_origin_units > 0
+        self._direct = [self._direct_fields(w) for w in self._eval_windows] if not self.random_crops else None
+        # re-keyed for every draw (sample_rng's ``reuse``): each use is done before the next is keyed
+        self._rng = sample_rng(0, 0, "", "")
+
+    def __getstate__(self) -> dict:  # a Generator pickles, but its state is meaningless in another process
+        return {k: v for k, v in self.__dict__.items() if k != "_rng"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._rng = sample_rng(0, 0, "", "")
 
     def _windows(self, origin: tuple[float, float]) -> dict[str, tuple[int, int, int]]:
         out = {m: crop_window(s, origin) for m, s in self.manifest.modalities.items()}
         out.update({t.name: crop_window(t, origin) for t in self.manifest.targets.values()
                     if t.type == "segmentation"})
         return out
+
+    def _direct_fields(self, windows: dict[str, tuple[int, int, int]]) -> tuple[str, ...]:
+        """The fields whose row is their stored member byte for byte when the member has the row's shape: whole
+        tile, one step, every channel in order, stored dtype kept (or float32 normalised in place), no host D4. A
+        reader may then read those members straight into the row (``direct``); the transform's copy or in-place
+        normalisation of a row onto itself gives the same bytes."""
+        if self.options.d4 and not self.options.d4_on_device:
+            return ()
+        out = []
+        for m, s in self.manifest.modalities.items():
+            r, c, size = windows[m]
+            stored = np.dtype(s.dtype)
+            # one step per bin and big: the member is the row (else a time series the selection cuts, read
+            # directly only to be copied back out)
+            if ((r, c, size) == (0, 0, s.tile_size) and size * size >= BIG_RASTER and s.temporal_bins == 1
+                    and self.select[m] is None and (self.deferred[m] or stored == np.float32)):
+                out.append(m)
+        for t in self.manifest.targets.values():
+            if (t.type == "segmentation" and self.raw[t.name] and windows[t.name] == (0, 0, t.tile_size)
+                    and t.tile_size ** 2 >= BIG_RASTER):
+                out.append(t.name)
+        return tuple(out)
+
+    def direct_fields(self, crop: int) -> tuple[str, ...]:
+        """The fields of element (sample, ``crop``) that may be read straight into its row (see above); none
+        with random crops."""
+        return self._direct[crop] if self._direct is not None else ()
 
     def output_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and dtype of every array key (the collation buffers)."""
@@ -157,10 +194,11 @@ class SampleTransform:
         key = sample["__key__"]
         seed = self.options.seed
         if self.train and self.random_crops:
-            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}"), self.grid))
+            windows = self._windows(random_crop_origin(sample_rng(seed, epoch, key, f"crop:{crop}", reuse=self._rng),
+                                                       self.grid))
         else:
             windows = self._eval_windows[crop]
-        k = random_d4(sample_rng(seed, epoch, key, f"d4:{crop}")) if self.options.d4 else 0
+        k = random_d4(sample_rng(seed, epoch, key, f"d4:{crop}", reuse=self._rng)) if self.options.d4 else 0
         host_k = 0 if self.options.d4_on_device else k
         for m, spec in self.manifest.modalities.items():
             row[f"{m}_missing"][...] = self._modality(sample, m, spec, windows[m], key, crop, epoch, row, host_k)
@@ -193,7 +231,8 @@ class SampleTransform:
                 mask = mask[:, :, r:r + s, c:c + s]
             threshold = spec.cloud_mask.threshold if spec.cloud_mask else 0.0
             random_offset = self.train or self.options.eval_offset == "random"
-            rng = sample_rng(self.options.seed, epoch, key, f"temporal:{m}:{crop}") if random_offset else None
+            rng = (sample_rng(self.options.seed, epoch, key, f"temporal:{m}:{crop}", reuse=self._rng)
+                   if random_offset else None)
             idx = select_steps(data, bins, mask=mask, threshold=threshold, mode=self.options.mode, rng=rng,
                                offset="random" if random_offset else 0, channels=self.choice_channels[m])
         else:  # T <= D: no truncation and no choice (temporal.py: bin d takes step floor(d*T/D))
@@ -209,7 +248,8 @@ class SampleTransform:
                 for j, ch in enumerate(channels):
                     plane = data[step, ch] if k == 0 else d4_apply(data[step, ch], k)
                     if self.deferred[m]:
-                        dst[d, j] = plane
+                        if not _same_memory(plane, dst[d, j]):  # a row read straight from the shard is done
+                            dst[d, j] = plane
                     else:  # normalised straight from the sample into the row (one pass per plane)
                         normalise(plane, spec.log_scale, spec.norm_factor, fill=False, out=dst[d, j])
             if not self.deferred[m]:
@@ -239,7 +279,8 @@ class SampleTransform:
         if self.raw[t.name]:
             if labels.dtype != np.uint8:
                 raise StreamError(f"target {t.name!r}: {labels.dtype} labels, the manifest declares uint8")
-            dst[...] = d4_apply(labels, k) if k else labels
+            if k or not _same_memory(labels, dst):  # a row read straight from the shard is done
+                dst[...] = d4_apply(labels, k) if k else labels
             return
         if labels.dtype == np.uint8:  # the hot case: one gather of the raster through a 256-entry table
             np.take(self.luts8[t.name], d4_apply(labels, k) if k else labels, out=dst, mode="clip")
@@ -249,6 +290,13 @@ class SampleTransform:
         inside = (v >= 0) & (v < len(lut))
         mapped = np.where(inside, lut[np.clip(v, 0, len(lut) - 1)], t.missing_value)
         dst[...] = d4_apply(mapped, k)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (copying one onto the other is a no-op
+    that still costs a pass over a raster)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype == b.dtype)
 
 
 class ArrayPool:

@@ -125,10 +125,11 @@ def _npy_header(raw: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], bool]
     return _NPY_HEADERS[raw]
 
 
-def decode_npy(data: bytes | bytearray | memoryview, name: str) -> np.ndarray:
+def decode_npy(data: bytes | bytearray | memoryview, name: str, body: memoryview | None = None) -> np.ndarray:
     """The array of one npy member as a view of ``data`` (no copy; read-only for bytes): the header is bounded
     (``MAX_NPY_HEADER``) and parsed by numpy, object dtypes (pickle) are refused, the body size must match.
-    The one decoder of ``read_shard``/``verify`` and of the stream."""
+    The one decoder of ``read_shard``/``verify`` and of the stream. ``body``: the body lies there (e.g. read
+    straight into a batch row), ``data`` holds exactly the header."""
     view = memoryview(data)
     if len(view) < 10 or view[:6] != b"\x93NUMPY" or view[6] not in (1, 2, 3):
         raise ShardError(f"member {name}: not a valid npy array (bad magic)")
@@ -138,7 +139,10 @@ def decode_npy(data: bytes | bytearray | memoryview, name: str) -> np.ndarray:
         raise ShardError(f"member {name}: not a valid npy array: header of {hlen} bytes is too long or truncated")
     dtype, shape, fortran = _npy_header(bytes(view[:prefix + hlen]), name)
     count = math.prod(shape)
-    body = view[prefix + hlen:]
+    if body is None:
+        body = view[prefix + hlen:]
+    elif prefix + hlen != len(view):
+        raise ShardError(f"member {name}: not a valid npy array: header of {hlen} bytes, {len(view)} given")
     if len(body) != count * dtype.itemsize:
         raise ShardError(f"member {name}: npy body of {len(body)} bytes, expected {count * dtype.itemsize}")
     return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")

@@ -6,9 +6,9 @@ sample count, bytes and digests of each shard, from ``index.json``. A shard's ke
 from its sidecar, fetched (and checked against the index's size and sha256) only by a process that reads the
 shard, checked against the shard's size (``layout.spans_from_sidecar``) and cached per process by (url, sidecar
 sha256), at most ``SPAN_CACHE_SIZE`` shards. Bytes come through the access layer (``cache.Access``: retries,
-timeouts, the optional node-local cache). Each sample is read header by member (``layout.read_sample``: a header
-that disagrees with the sidecar is an error, not a misread) into a reused buffer, and its arrays are
-``np.frombuffer`` views of that buffer.
+timeouts, the optional node-local cache). Each sample is read at once, its headers checked before decoding
+(``layout.read_sample``: a header that disagrees with the sidecar is an error, not a misread) into a reused
+buffer, and its arrays are ``np.frombuffer`` views of that buffer.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maestro_data.errors import MaestroError, StreamError
+from maestro_data.errors import MaestroError, ShardError, StreamError
 from maestro_data.manifest import Manifest
 from maestro_data.stream.cache import Access
 from maestro_data.stream.index_format import COLUMNS, parse_sidecar, shard_columns, sidecar_url, tile_id_of
-from maestro_data.stream.layout import SampleBuffer, SampleSpan, read_sample, spans_from_sidecar
+from maestro_data.stream.layout import SampleBuffer, SampleSpan, direct_body, read_sample, spans_from_sidecar
 from maestro_data.stream.shard_read import check_sample, decode_npy, shard_url
 
 
@@ -127,10 +127,30 @@ def shard_spans(table: ShardTable, shard: int, access: Access) -> list[SampleSpa
     return spans
 
 
-def decode_sample(view: memoryview, span: SampleSpan, url: str) -> dict:
-    """{"__key__", "tile_id", "meta", <field>: array} from the bytes of one sample (arrays are views of them)."""
+def _decode_direct(head: memoryview, body: np.ndarray, name: str) -> np.ndarray:
+    """The array of a member whose last ``body.nbytes`` bytes were read into ``body`` (``layout.read_sample``): a
+    view of ``body`` when the member is an npy array of exactly ``body``'s shape and dtype, else (another shape:
+    the transform must never read the memory it writes) decoded from a private copy of the member's bytes."""
+    raw = memoryview(body).cast("B")
+    try:
+        arr = decode_npy(head, name, raw)
+        if arr.shape == body.shape and arr.dtype == body.dtype and arr.flags.c_contiguous:
+            return arr
+    except ShardError:
+        pass  # said again below, on the member's bytes
+    return decode_npy(bytearray(head) + raw, name)
+
+
+def decode_sample(view: memoryview, span: SampleSpan, url: str, direct: dict[str, np.ndarray] | None = None) -> dict:
+    """{"__key__", "tile_id", "meta", <field>: array} from the bytes of one sample (arrays are views of them, or of
+    the ``direct`` arrays that ``layout.read_sample`` read member bodies into)."""
     sample: dict = {"__key__": span.key, "tile_id": tile_id_of(span.key)}
     for name, offset, size in span.members:
+        body = direct_body(direct, name, size)
+        if body is not None:
+            sample[name] = _decode_direct(view[offset - span.start:offset - span.start + size - body.nbytes],
+                                          body, f"{url}:{span.key}.{name}.npy")
+            continue
         part = view[offset - span.start:offset - span.start + size]
         if len(part) != size:
             raise StreamError(f"{url}: sample {span.key!r} is truncated")
@@ -169,11 +189,15 @@ class ShardReader:
         if run:
             yield shard, run
 
-    def read(self, tiles: list[int]) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
+    def read(self, tiles: list[int], direct: dict[int, dict[str, np.ndarray]] | None = None
+             ) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
+        """``direct``: tile -> {field: array} that receives the member's body by the read itself (see
+        ``layout.read_sample``); the sample's array for that field is then a view of it."""
         for shard, run in self._runs(tiles):
-            yield from self._read_run(shard, run)
+            yield from self._read_run(shard, run, direct or {})
 
-    def _read_run(self, shard: int, run: list[int]) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
+    def _read_run(self, shard: int, run: list[int], direct: dict[int, dict[str, np.ndarray]]
+                  ) -> Iterator[tuple[int, str | None, dict | None, str | None]]:
         table, url = self.table, self.table.urls[shard]
         first = int(table.starts[shard])
         done, spans = 0, None
@@ -183,7 +207,8 @@ class ShardReader:
                 for tile in run:
                     span = spans[tile - first]
                     # the sample's arrays view the reused buffer: valid until the next sample is requested
-                    sample = decode_sample(read_sample(source, span, self._buffer), span, url)
+                    into = direct.get(tile)
+                    sample = decode_sample(read_sample(source, span, self._buffer, into), span, url, into)
                     done += 1
                     problem = None
                     if self.manifest is not None:
