@@ -22,7 +22,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   -m maestro_model.train run --config configs/demo.toml --index "$OUT/treesatai-ts/shards" --output-dir "$OUT/train" \
   --cpu
 # Figures: one FLAIR-HUB tile with every modality and date, and the training curves of the run above.
-TILE=$(python -c "import sys; from maestro_data.build.store import TileStore; print(TileStore(sys.argv[1]).tile_ids[0])" \
+TILE=$(python -c "import sys; from maestro_data.build import TileStore; print(TileStore(sys.argv[1]).tile_ids[0])" \
   "$OUT/flair-hub")
 SHOW=$(maestro-data show "$OUT/flair-hub" "$TILE" --out "$OUT/figures/tile-$TILE.png")
 PLOT=$(maestro-train plot "$OUT/train" --out "$OUT/figures/training.png")
