@@ -110,8 +110,9 @@ def _geokeys(tags: dict[int, tuple]) -> bytes | None:
     return repr((tags[_GEO_KEYS], tags.get(_GEO_DOUBLES), tags.get(_GEO_ASCII))).encode()
 
 
-def open_with_grid(path: Path) -> tuple[DatasetReader, Grid]:
-    """An open rasterio dataset of ``path`` (the caller closes it) and its grid (``grids.grid_of``)."""
+def open_with_grid(path: Path) -> tuple[DatasetReader, Grid, str | None]:
+    """An open rasterio dataset of ``path`` (the caller closes it), its grid (``grids.grid_of``) and the WKT GDAL
+    exported for its CRS (None on the fast path, whose CRS is the grid's)."""
     options = rasterio.env.getenv() if rasterio.env.hasenv() else {}
     tags = _tags(path) if options.get("GDAL_DISABLE_READDIR_ON_OPEN") == "EMPTY_DIR" else None
     key = _geokeys(tags) if tags else None
@@ -119,15 +120,16 @@ def open_with_grid(path: Path) -> tuple[DatasetReader, Grid]:
     crs = _CRS_OF.get(key) if key is not None and transform is not None else None
     if crs is None:
         src = rasterio.open(path)
-        grid = grid_of(src)
+        wkt = src.crs.to_wkt() if src.crs else None  # once: the export is most of an open's CRS cost
+        grid = grid_of(src, wkt)
         if key is not None and transform is not None and key not in _CRS_OF:
             fast = grid.crs is not None and grid.transform == transform  # our reading agrees with GDAL's
             _CRS_OF[key] = grid.crs if fast else None
-        return src, grid
+        return src, grid, wkt
     with warnings.catch_warnings():  # the georeference is off on purpose: it comes from the tags above
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         src = DatasetReader(path, GEOREF_SOURCES="NONE")
-    return src, Grid(crs, transform, int(src.width), int(src.height))
+    return src, Grid(crs, transform, int(src.width), int(src.height)), None
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,10 @@ def read_geotiff(path: Path, what: str, tile_id: str, *, missing: str = "file no
     (a band count, a size), raised as ``<what>: <reason>`` naming the tile and the file before any pixel is read."""
     check_file(path, what, tile_id=tile_id, missing=missing)
     try:
-        src, grid = open_with_grid(path)
+        src, grid, wkt = open_with_grid(path)
         with src:
-            wkt = src.crs.to_wkt() if src.crs else grid.crs
-            header = Header(int(src.count), int(src.height), int(src.width), tuple(src.dtypes), grid, wkt)
+            header = Header(int(src.count), int(src.height), int(src.width), tuple(src.dtypes), grid,
+                            wkt or grid.crs)
             reason = check(header) if check is not None else None
             if reason is not None:
                 raise SourceError(f"{what}: {reason}", tile_id=tile_id, path=str(path))

@@ -47,9 +47,10 @@ def crs_label(crs: str | None) -> str:
     return crs if crs.startswith("EPSG:") else f"{CRS.from_user_input(crs).name!r} (WKT)"
 
 
-def grid_of(dataset: Any) -> Grid:
-    """The grid of an open rasterio dataset (its CRS normalised)."""
-    crs = normalise_crs(dataset.crs.to_wkt()) if dataset.crs else None
+def grid_of(dataset: Any, wkt: str | None = None) -> Grid:
+    """The grid of an open rasterio dataset (its CRS normalised); ``wkt``: its CRS's WKT when already exported."""
+    wkt = wkt or (dataset.crs.to_wkt() if dataset.crs else None)
+    crs = normalise_crs(wkt) if wkt else None
     return Grid(crs, tuple(float(v) for v in tuple(dataset.transform)[:6]), int(dataset.width), int(dataset.height))
 
 
